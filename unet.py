@@ -303,15 +303,15 @@ WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.
                 "diffusion_pytorch_model.bin")
 
 
-def read_config(folder, subfolder):
-    """Resolve `folder` (the model root or its `subfolder/`) and read its config.json."""
+def read_config(folder, subfolder, name="config.json"):
+    """Resolve `folder` (the model root or its `subfolder/`) and read its config.json (or `name`)."""
     folder = str(folder)
     if not os.path.isdir(folder):
         raise WeightsError(f"model folder {folder!r} does not exist; pass a local Stable Diffusion folder "
                            f"(diffusers layout: unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
-    if not os.path.exists(os.path.join(folder, "config.json")) and os.path.isdir(os.path.join(folder, subfolder)):
+    if not os.path.exists(os.path.join(folder, name)) and os.path.isdir(os.path.join(folder, subfolder)):
         folder = os.path.join(folder, subfolder)
-    path = os.path.join(folder, "config.json")
+    path = os.path.join(folder, name)
     try:
         with open(path) as f:
             config = json.load(f)

@@ -1,0 +1,145 @@
+"""Sampling: the one-step student f_theta, and the multi-step teacher (DDIM + classifier-free guidance).
+
+    python sample.py --student runs/vsd --prompt "a cat" --n 4                     # one step
+    python sample.py --student runs/vsd --prompt "a cat" --teacher-steps 25        # + the teacher, side by side
+    python sample.py --model SD_FOLDER --teacher-steps 25 --prompt "a cat"         # the teacher alone
+"""
+import argparse
+import json
+import os
+import sys
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from PIL import Image
+
+from swiftbrush import UsageError, decode_latents, eps_cfg, encode_prompts, f_theta, load_text, read_schedule
+from unet import WeightsError, load_unet
+
+
+def ddim_timesteps(schedule, steps):
+    """The timesteps of an N-step DDIM (Song et al. 2021) as diffusers spaces them ("leading" by default)."""
+    T, c = schedule.T, schedule.config
+    spacing = c.get("timestep_spacing", "leading")
+    if spacing == "leading":
+        ts = np.arange(steps)[::-1] * (T // steps) + c.get("steps_offset", 0)
+    elif spacing == "trailing":
+        ts = np.round(np.arange(T, 0, -T / steps)) - 1
+    elif spacing == "linspace":
+        ts = np.linspace(0, T - 1, steps).round()[::-1]
+    else:
+        raise UsageError(f"scheduler: timestep_spacing {spacing!r} is not supported")
+    return torch.from_numpy(ts.astype(np.int64).copy())
+
+
+@torch.no_grad()
+def ddim_sample(unet, schedule, context, uncond, z, steps=25, guidance=4.5):
+    """Deterministic DDIM (eta = 0) from x_T = z with CFG; returns x_0 (latents)."""
+    T, abar = schedule.T, schedule.abar
+    final = 1.0 if schedule.config.get("set_alpha_to_one", False) else abar[0].item()
+    x = z
+    for t in ddim_timesteps(schedule, steps).tolist():
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        eps = eps_cfg(unet, x, tt, context, uncond, guidance, schedule)
+        a_t = abar[t].item()
+        a_prev = abar[t - T // steps].item() if t - T // steps >= 0 else final
+        x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5  # Eq. 1 solved for x_0
+        if schedule.config.get("clip_sample", False):
+            r = schedule.config.get("clip_sample_range", 1.0)
+            x0 = x0.clamp(-r, r)
+        x = a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+    return x
+
+
+def save_grid(rows, path, labels=None, scale=None):
+    """rows: list of [N, 3, H, W] tensors in [-1, 1], one grid row each. Small images are upscaled."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    H, W = rows[0].shape[-2:]
+    scale = scale or max(1, 64 // H)
+    n = max(r.shape[0] for r in rows)
+    pad = 2
+    label_w = 0
+    if labels:
+        from PIL import ImageDraw
+        label_w = max(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(s) for s in labels) + 8
+    grid = Image.new("RGB", (int(label_w) + n * (W * scale + pad) + pad, len(rows) * (H * scale + pad) + pad), "white")
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            arr = ((img.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+            tile = Image.fromarray(arr).resize((W * scale, H * scale), Image.NEAREST)
+            grid.paste(tile, (int(label_w) + pad + j * (W * scale + pad), pad + i * (H * scale + pad)))
+        if labels:
+            from PIL import ImageDraw
+            ImageDraw.Draw(grid).text((4, pad + i * (H * scale + pad) + H * scale // 2 - 5), labels[i], fill="black")
+    grid.save(path)
+    return path
+
+
+def load_run(student_dir, ema=True):
+    """The exported student of a swiftbrush.py run and the model folder it was distilled from."""
+    info_path = os.path.join(student_dir, "swiftbrush.json")
+    if not os.path.exists(info_path):
+        raise UsageError(f"{student_dir} is not a swiftbrush.py output folder (no swiftbrush.json)")
+    with open(info_path) as f:
+        info = json.load(f)
+    sub = "unet_ema" if ema and os.path.isdir(os.path.join(student_dir, "unet_ema")) else "unet"
+    return load_unet(os.path.join(student_dir, sub)), info
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--student", help="output folder of swiftbrush.py (one-step generation)")
+    p.add_argument("--model", help="Stable Diffusion folder (teacher); default: the one the student came from")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts (one grid row each)")
+    p.add_argument("--n", type=int, default=1, help="images per prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher-steps", type=int, default=0, help="also (or only) sample the teacher with N DDIM steps")
+    p.add_argument("--guidance", type=float, default=4.5, help="the teacher's CFG scale")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the student's EMA weights")
+    p.add_argument("--out", default="sample.png")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args(argv)
+    if not a.student and not (a.model and a.teacher_steps):
+        p.error("give --student OUT_DIR, or --model FOLDER with --teacher-steps N")
+    if a.n < 1 or a.teacher_steps < 0:
+        p.error("--n must be >= 1 and --teacher-steps >= 0")
+    try:
+        images = generate(a)
+    except (UsageError, WeightsError) as e:
+        sys.exit(f"sample: error: {e}")
+    rows, labels = zip(*images)
+    print(save_grid(list(rows), a.out, labels=list(labels) if len(rows) > 1 else None))
+
+
+def generate(a):
+    device = torch.device(a.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    student, info = load_run(a.student, a.ema) if a.student else (None, None)
+    model = a.model or info["model"]
+    schedule = read_schedule(model)
+    tokenizer, encoder = load_text(model)
+    context, uncond = encode_prompts(tokenizer, encoder, a.prompt), encode_prompts(tokenizer, encoder, [""])
+    vae = None
+    if os.path.isdir(os.path.join(model, "vae")):
+        from vae import load_vae
+        vae = load_vae(os.path.join(model, "vae"), dtype).to(device)
+    teacher = load_unet(model, dtype).to(device) if a.teacher_steps else None
+    c = (info or {}).get("latent_shape") or [teacher.config.get("in_channels", 4)] + [teacher.config.get("sample_size", 64)] * 2
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    out = []
+    for i, prompt in enumerate(a.prompt):
+        z = torch.randn((a.n, *c), generator=torch.Generator().manual_seed(a.seed + i)).to(device)
+        ctx = context[i:i + 1].expand(a.n, -1, -1).to(device)
+        with torch.no_grad(), autocast:
+            if student is not None:
+                x0 = f_theta(student.to(device, dtype), z, ctx, schedule, info["param"])
+                out.append((decode_latents(vae, x0), f"{prompt} (1 step)"))
+            if teacher is not None:
+                x0 = ddim_sample(teacher, schedule, ctx, uncond.to(device), z, a.teacher_steps, a.guidance)
+                out.append((decode_latents(vae, x0), f"{prompt} (teacher, {a.teacher_steps} steps)"))
+    return out
+
+
+if __name__ == "__main__":
+    main()
