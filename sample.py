@@ -127,13 +127,14 @@ def generate(a):
     teacher = load_unet(model, dtype).to(device) if a.teacher_steps else None
     c = (info or {}).get("latent_shape") or [teacher.config.get("in_channels", 4)] + [teacher.config.get("sample_size", 64)] * 2
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    student = student.to(device, dtype) if student is not None else None
     out = []
     for i, prompt in enumerate(a.prompt):
         z = torch.randn((a.n, *c), generator=torch.Generator().manual_seed(a.seed + i)).to(device)
         ctx = context[i:i + 1].expand(a.n, -1, -1).to(device)
         with torch.no_grad(), autocast:
             if student is not None:
-                x0 = f_theta(student.to(device, dtype), z, ctx, schedule, info["param"])
+                x0 = f_theta(student, z, ctx, schedule, info["param"])
                 out.append((decode_latents(vae, x0), f"{prompt} (1 step)"))
             if teacher is not None:
                 x0 = ddim_sample(teacher, schedule, ctx, uncond.to(device), z, a.teacher_steps, a.guidance)

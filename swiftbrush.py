@@ -209,6 +209,8 @@ def load_models(cfg: Config, device):
     embeddings = encode_prompts(tokenizer, encoder.to(device), prompts)
     uncond = encode_prompts(tokenizer, encoder, [""])
     del tokenizer, encoder  # the text encoder is not needed again
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     factor = 2 ** (len(vae.config["block_out_channels"]) - 1) if vae is not None else 1
     res = cfg.resolution or unet.config.get("sample_size", 64) * factor
     if res % (factor * 2 ** (len(unet.config["block_out_channels"]) - 1)):
@@ -283,7 +285,7 @@ def diffusion_loss(unet, x0, context, uncond, schedule, gen, p_uncond=0.1, abar_
 
 def train_step(m: Models, cfg: Config, state, opt_student, opt_lora, gen, autocast):
     """Algorithm 1, one iteration (over cfg.grad_accum micro-batches). Returns the numbers to log."""
-    losses = {"loss_student": 0.0, "loss_lora": 0.0}
+    losses = {"loss_student": 0.0, **({"loss_lora": 0.0} if cfg.loss == "vsd" else {})}
     device = next(m.student.parameters()).device
     for _ in range(cfg.grad_accum):
         idx = next_prompts(state, cfg.batch_size, gen)
@@ -369,7 +371,7 @@ def save_checkpoint(path, cfg, m, ema, opt_student, opt_lora, state, gen):
     tensors["rng"] = gen.get_state()
     tensors["order"] = state["order"]
     meta = {"config": json.dumps(asdict(cfg)), "step": str(state["step"]), "cursor": str(state["cursor"]),
-            "opt_student_groups": groups_s, "opt_lora_groups": json.dumps(groups_l),
+            "opt_student_groups": groups_s, "opt_lora_groups": groups_l or "null",
             "prompts_sha256": _sha(m.prompts)}
     _atomic_save(tensors, path, meta)
 
@@ -471,12 +473,12 @@ def train(cfg: Config, models: Models = None, progress=True):
             state["step"] += 1
             if ema is not None and state["step"] % EMA_EVERY == 0:
                 update_ema(ema, m.student, cfg.ema_decay ** EMA_EVERY)
-            logs = {"step": state["step"], **logs, "lr": cfg.lr, "lora_lr": cfg.lora_lr if opt_lora else None,
+            logs = {"step": state["step"], **logs, "lr": cfg.lr, **({"lora_lr": cfg.lora_lr} if opt_lora else {}),
                     "sec_per_step": round(time.time() - t0, 4)}
             log.write(json.dumps(logs) + "\n")
             history.append(logs)
             bar.update(1)
-            bar.set_postfix(student=f"{logs['loss_student']:.3g}", lora=f"{logs['loss_lora']:.3g}")
+            bar.set_postfix({k[5:]: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss_")})
             if cfg.sample_every and state["step"] % cfg.sample_every == 0:
                 sample_grid(m, cfg, os.path.join(cfg.out, "samples", f"step_{state['step']:06d}.png"))
             if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < cfg.steps:
@@ -521,8 +523,14 @@ def _write_run_info(cfg, m):
 def _truncate_log(path, step):
     """Drop log lines written after the checkpoint (a crash between saves), so the log matches the weights."""
     if os.path.exists(path):
+        keep = []
         with open(path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= step:
+                        keep.append(line)
+                except (ValueError, KeyError, TypeError):  # a line cut short by a crash
+                    pass
         with open(path, "w") as f:
             f.writelines(keep)
 
