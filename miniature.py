@@ -20,8 +20,7 @@ from dataclasses import asdict, replace
 import torch
 
 import world
-from sample import ddim_sample
-from world import save_grid, save_plot
+from sample import ddim_sample, save_grid, save_plot
 from swiftbrush import (Config, Schedule, diffusion_loss, encode_prompts, export_unet, f_theta, load_text,
                         read_schedule, train)
 from unet import UNet, load_unet

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+import sample
 import world
 
 
@@ -176,15 +177,15 @@ def test_write_tokenizer_round_trip(tmp_path):
 def test_save_grid(tmp_path):
     red = world.PALETTE[0].view(1, 3, 1, 1).expand(3, 3, 16, 16)
     rows = [red, torch.zeros(5, 3, 16, 16)]
-    world.save_grid(rows, tmp_path / "g.png")
+    sample.save_grid(rows, tmp_path / "g.png")
     img = Image.open(tmp_path / "g.png")
     assert img.size == (2 + 5 * (64 + 2), 2 + 2 * (64 + 2))  # 16 px upscaled x4, 2 px padding
     assert img.getpixel((2 + 32, 2 + 32)) == (217, 38, 38)  # (0.7 + 1) * 127.5 rounded, (-0.7 + 1) * 127.5
     assert img.getpixel((2 + 3 * 66 + 32, 2 + 32)) == (255, 255, 255)  # short row: empty cells stay white
     assert img.getpixel((2 + 32, 2 + 66 + 32)) == (128, 128, 128)
-    labelled = world.save_grid(rows, tmp_path / "l.png", labels=["red", "grey"])
+    labelled = sample.save_grid(rows, tmp_path / "l.png", labels=["red", "grey"])
     assert labelled.size[0] > img.size[0] and labelled.size[1] == img.size[1]
-    world.save_grid([torch.zeros(2, 3, 128, 128)], tmp_path / "b.png")
+    sample.save_grid([torch.zeros(2, 3, 128, 128)], tmp_path / "b.png")
     assert Image.open(tmp_path / "b.png").size == (2 + 2 * 130, 2 + 130)  # large images are not upscaled
 
 
@@ -192,11 +193,11 @@ def test_save_plot(tmp_path):
     rng = np.random.default_rng(0)
     curves = {"loss": [(i, math.exp(-i / 100) + 0.1 * rng.standard_normal()) for i in range(300)],
               "fd": [(0, 3.0), (100, float("nan")), (200, 1.0)], "one": [(50, 0.5)], "none": []}
-    world.save_plot(curves, tmp_path / "p.png", "training", size=(500, 300))
+    sample.save_plot(curves, tmp_path / "p.png", "training", size=(500, 300))
     img = Image.open(tmp_path / "p.png").convert("RGB")
     assert img.size == (500, 300)
     pixels = set(map(tuple, np.asarray(img).reshape(-1, 3).tolist()))
-    for colour in world.PLOT_COLORS[:3]:
+    for colour in sample.PLOT_COLORS[:3]:
         assert colour in pixels  # each curve with data was drawn
-    ma = world._moving_average(np.arange(10.0), 3)
+    ma = sample._moving_average(np.arange(10.0), 3)
     assert np.allclose(ma[1:-1], np.arange(1.0, 9.0)) and ma[0] == 0.5
