@@ -9,13 +9,12 @@
    SDS + x0 student, VSD + eps student (the paper's ablation);
 3. scores every method against the world's truth on fixed prompts and seeds and prints the table.
 """
-import copy
 import hashlib
 import json
 import os
 import shutil
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import torch
 
@@ -28,7 +27,7 @@ from unet import UNet, load_unet
 MAX_LENGTH = 8  # tokens: "a yellow triangle" is 5 with bos/eos
 UNET_CONFIG = {
     "_class_name": "UNet2DConditionModel", "in_channels": 3, "out_channels": 3, "sample_size": world.RES,
-    "block_out_channels": [32, 64], "layers_per_block": 1, "attention_head_dim": 4, "cross_attention_dim": 32,
+    "block_out_channels": [32, 64], "layers_per_block": 1, "attention_head_dim": 1, "cross_attention_dim": 32,
     "norm_num_groups": 8, "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
 }

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lora import inject_lora, lora_disabled, lora_parameters, lora_state_dict
+from lora import inject_lora, lora_disabled, lora_state_dict
 from unet import UNet, WeightsError, load_unet, read_config
 
 DEMO_PROMPTS = [
@@ -152,10 +152,12 @@ def read_prompts(path):
     if path is None:
         return list(DEMO_PROMPTS)
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             lines = [line.strip() for line in f]
     except FileNotFoundError:
         raise UsageError(f"prompt file {path!r} not found") from None
+    except OSError as e:
+        raise UsageError(f"cannot read prompt file {path!r}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
         raise UsageError(f"prompt file {path!r} is not UTF-8 text ({e})") from None
     prompts = list(dict.fromkeys(p for p in lines if p))
@@ -283,10 +285,23 @@ def diffusion_loss(unet, x0, context, uncond, schedule, gen, p_uncond=0.1, abar_
     return F.mse_loss(w * pred, w * eps)
 
 
+def _apply(opt, name, state, logs):
+    """Clip to norm 1, step, free the gradients."""
+    norm = torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], 1.0).item()
+    if not math.isfinite(norm):
+        raise TrainingDiverged(f"the {name} gradient norm became {norm} at step {state['step'] + 1}")
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    logs[f"grad_norm_{name}"] = norm
+
+
 def train_step(m: Models, cfg: Config, state, opt_student, opt_lora, gen, autocast):
-    """Algorithm 1, one iteration (over cfg.grad_accum micro-batches). Returns the numbers to log."""
+    """Algorithm 1, one iteration (over cfg.grad_accum micro-batches). Returns the numbers to log.
+
+    The student is stepped (and its gradients freed) before the LoRA pass: one UNet of gradients less at the peak."""
     losses = {"loss_student": 0.0, **({"loss_lora": 0.0} if cfg.loss == "vsd" else {})}
     device = next(m.student.parameters()).device
+    renders = []  # (sg(x0), y) of each micro-batch, for step 5
     for _ in range(cfg.grad_accum):
         idx = next_prompts(state, cfg.batch_size, gen)
         context = m.embeddings[idx].to(device)
@@ -297,26 +312,21 @@ def train_step(m: Models, cfg: Config, state, opt_student, opt_lora, gen, autoca
         loss = surrogate_loss(x0, g)                                              # step 4: d loss / d x0 = g
         (loss / cfg.grad_accum).backward()
         losses["loss_student"] += loss.item() / cfg.grad_accum
-        if cfg.loss == "vsd":                                                     # step 5: Eq. 6 on sg(x0)
+        renders.append((x0.detach(), context))
+    if not math.isfinite(losses["loss_student"]):
+        raise TrainingDiverged(f"loss_student became {losses['loss_student']} at step {state['step'] + 1}")
+    grads = {}
+    _apply(opt_student, "student", state, grads)
+    if opt_lora is not None:                                                      # step 5: Eq. 6 on sg(x0)
+        for x0, context in renders:
             with autocast:
-                loss_phi = diffusion_loss(m.unet, x0.detach(), context, m.uncond, m.schedule, gen)
+                loss_phi = diffusion_loss(m.unet, x0, context, m.uncond, m.schedule, gen)
             (loss_phi / cfg.grad_accum).backward()
             losses["loss_lora"] += loss_phi.item() / cfg.grad_accum
-    for name, v in losses.items():
-        if not math.isfinite(v):
-            raise TrainingDiverged(f"{name} became {v} at step {state['step'] + 1}")
-    logs = dict(losses)
-    for name, opt in (("student", opt_student), ("lora", opt_lora)):
-        if opt is None:
-            continue
-        params = opt.param_groups[0]["params"]
-        norm = torch.nn.utils.clip_grad_norm_(params, 1.0).item()
-        if not math.isfinite(norm):
-            raise TrainingDiverged(f"the {name} gradient norm became {norm} at step {state['step'] + 1}")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        logs[f"grad_norm_{name}"] = norm
-    return logs
+        if not math.isfinite(losses["loss_lora"]):
+            raise TrainingDiverged(f"loss_lora became {losses['loss_lora']} at step {state['step'] + 1}")
+        _apply(opt_lora, "lora", state, grads)
+    return {**losses, **grads}
 
 
 def next_prompts(state, n, gen):
@@ -442,7 +452,10 @@ def train(cfg: Config, models: Models = None, progress=True):
     opt_lora = None
     if cfg.loss == "vsd":
         torch.manual_seed(cfg.seed)  # LoRA init
-        phi = inject_lora(m.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","))
+        try:
+            phi = inject_lora(m.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","))
+        except ValueError as e:
+            raise UsageError(f"--lora-targets {cfg.lora_targets!r}: {e}") from None
         for p in phi:
             p.data = p.data.float()
             p.requires_grad_(True)
@@ -581,9 +594,12 @@ def parse_args(argv=None):
     for name in ("batch_size", "grad_accum", "lora_rank"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
-    for name in ("lr", "lora_lr"):
-        if getattr(a, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive")
+    for name in ("lr", "lora_lr", "lora_alpha"):
+        if not (getattr(a, name) > 0 and math.isfinite(getattr(a, name))):
+            p.error(f"--{name.replace('_', '-')} must be a positive number, got {getattr(a, name)}")
+    for name in ("guidance", "lora_guidance"):
+        if not math.isfinite(getattr(a, name)):
+            p.error(f"--{name.replace('_', '-')} must be a finite number, got {getattr(a, name)}")
     if not 0 <= a.ema_decay < 1:
         p.error("--ema-decay must be in [0, 1)")
     if a.save_every < 0 or a.sample_every < 0:
@@ -598,6 +614,8 @@ def parse_args(argv=None):
 def config_from_args(a):
     cfg = Config(**{f.name: getattr(a, f.name) for f in fields(Config) if getattr(a, f.name, None) is not None})
     ckpt = os.path.join(cfg.out, "checkpoint.safetensors")
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise UsageError(f"--out {cfg.out!r} exists and is not a folder")
     if os.path.exists(ckpt) and not a.resume:
         raise UsageError(f"{cfg.out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
     if a.resume and not os.path.exists(ckpt):
@@ -612,7 +630,7 @@ def main(argv=None):
             import miniature
             return miniature.main(a)
         cfg = config_from_args(a)
-        m = train(cfg)
+        train(cfg)
         print(f"done: {cfg.steps} steps; student in {os.path.join(cfg.out, 'unet')} (EMA: unet_ema); "
               f"sample with: python sample.py --student {cfg.out} --prompt \"...\"")
     except (UsageError, WeightsError) as e:
