@@ -200,7 +200,12 @@ UP_TYPES = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
 UNSUPPORTED = {"class_embed_type": None, "addition_embed_type": None, "encoder_hid_dim": None,
                "time_cond_proj_dim": None, "num_class_embeds": None, "only_cross_attention": False,
                "dual_cross_attention": False, "resnet_time_scale_shift": "default",
-               "time_embedding_type": "positional", "center_input_sample": False}
+               "time_embedding_type": "positional", "center_input_sample": False, "act_fn": "silu",
+               "attention_type": "default", "conv_in_kernel": 3, "conv_out_kernel": 3, "cross_attention_norm": None,
+               "downsample_padding": 1, "mid_block_scale_factor": 1, "resnet_out_scale_factor": 1.0,
+               "resnet_skip_time_act": False, "time_embedding_act_fn": None, "time_embedding_dim": None,
+               "timestep_post_act": None, "encoder_hid_dim_type": None, "addition_time_embed_dim": None,
+               "reverse_transformer_layers_per_block": None}
 
 
 def _per_block(value, n):
