@@ -15,6 +15,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -478,7 +479,9 @@ def train(cfg: Config, models: Models = None, progress=True):
     history, log = [], open(os.path.join(cfg.out, "log.jsonl"), "a")
     save = lambda: (save_checkpoint(ckpt, cfg, m, ema, opt_student, opt_lora, state, gen), _export(cfg, m, ema))
     interrupted = []
-    old_handler = signal.signal(signal.SIGINT, lambda *a: interrupted.append(1))  # finish the step, then save
+    main_thread = threading.current_thread() is threading.main_thread()  # signals can only be caught there
+    if main_thread:
+        old_handler = signal.signal(signal.SIGINT, lambda *a: interrupted.append(1))  # finish the step, then save
     try:
         while state["step"] < cfg.steps and not interrupted:
             t0 = time.time()
@@ -500,7 +503,8 @@ def train(cfg: Config, models: Models = None, progress=True):
         log.flush()
         save()
     finally:
-        signal.signal(signal.SIGINT, old_handler)
+        if main_thread:
+            signal.signal(signal.SIGINT, old_handler)
         log.close()
         bar.close()
     if interrupted:

@@ -161,11 +161,14 @@ def _grads(model, x, ctx, t, w):
     return out.detach(), grads, x.grad, ctx.grad
 
 
+def _grad_inputs(spec, seed):
+    x, ctx = make_inputs(spec)
+    return x, ctx, torch.tensor([3, 640][:spec["batch"]]), torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+
+
 def test_unet_gradients_match_diffusers(unet_pair):
     ref, ours, spec, _ = unet_pair
-    x, ctx = make_inputs(spec)
-    t = torch.tensor([3, 640][:spec["batch"]])
-    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    x, ctx, t, w = _grad_inputs(spec, 5)
     o_ref, g_ref, gx_ref, gc_ref = _grads(ref, x, ctx, t, w)
     o, g, gx, gc = _grads(ours, x, ctx, t, w)
     assert rel_err(o_ref, o) < TOL
@@ -183,9 +186,7 @@ def test_unet_gradients_match_diffusers(unet_pair):
 
 def test_unet_gradient_checkpointing_same_output_and_grads(unet_pair):
     _, ours, spec, _ = unet_pair
-    x, ctx = make_inputs(spec)
-    t = torch.tensor([3, 640][:spec["batch"]])
-    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(6))
+    x, ctx, t, w = _grad_inputs(spec, 6)
     o0, g0, gx0, gc0 = _grads(ours, x, ctx, t, w)
     calls = []
     hook = ours.down_blocks[0].resnets[0].register_forward_hook(lambda *a: calls.append(1))
