@@ -1298,3 +1298,31 @@ def test_miniature_quick_end_to_end_and_teacher_cache(tmp_path, capsys):
     assert "cached" not in capsys.readouterr().out
     assert miniature.cached_teacher(teacher, miniature._recipe(quick=True))
     load_unet(teacher)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resumes(sd_root, tmp_path):
+    import subprocess
+    import signal
+    import sys
+    import time
+    out = str(tmp_path / "run")
+    argv = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(sb.__file__)), "swiftbrush.py"), "--model",
+            sd_root, "--out", out, "--batch-size", "1", "--lora-rank", "2", "--sample-every", "0", "--device", "cpu"]
+    proc = subprocess.Popen(argv + ["--steps", "100000"], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = os.path.join(out, "log.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(log) and len(open(log).readlines()) >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted at step" in err and "Traceback" not in err
+    with safe_open(os.path.join(out, "checkpoint.safetensors"), "pt") as f:
+        step = int(f.metadata()["step"])
+    assert step >= 2 and len(open(log).readlines()) == step
+    assert os.path.exists(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
+    done = subprocess.run(argv + ["--steps", str(step + 1), "--resume"], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(open(log).readlines()) == step + 1
