@@ -19,9 +19,9 @@ from dataclasses import asdict
 import torch
 
 import world
+from checkpoint import export_unet
 from sample import ddim_sample, save_grid, save_plot
-from swiftbrush import (Config, Schedule, diffusion_loss, encode_prompts, export_unet, f_theta, load_text,
-                        read_schedule, train)
+from swiftbrush import Config, Schedule, diffusion_loss, encode_prompts, f_theta, load_text, read_schedule, train
 from unet import UNet, load_unet
 
 MAX_LENGTH = 8  # tokens: "a yellow triangle" is 5 with bos/eos

@@ -9,7 +9,6 @@ Distillation", CVPR 2024 (arXiv 2312.05239). Read next to the paper: `train_step
 """
 import argparse
 import copy
-import hashlib
 import json
 import math
 import os
@@ -22,10 +21,9 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from lora import inject_lora, lora_disabled, lora_state_dict
+from checkpoint import CheckpointError, export_unet, load_checkpoint, save_checkpoint, truncate_log
+from lora import inject_lora, lora_disabled
 from unet import UNet, WeightsError, load_unet, read_config
 
 DEMO_PROMPTS = [
@@ -343,92 +341,6 @@ def next_prompts(state, n, gen):
 
 
 # --------------------------------------------------------------------------------------------------
-# Checkpoints (one safetensors file, written then renamed) and the exported student
-
-
-def _atomic_save(tensors, path, metadata):
-    tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic: a crash leaves the previous file whole
-
-
-def _opt_tensors(opt, prefix):
-    sd = opt.state_dict()
-    tensors = {f"{prefix}/{i}/{k}": v.detach().cpu().contiguous() for i, s in sd["state"].items() for k, v in s.items()}
-    return tensors, json.dumps(sd["param_groups"])
-
-
-def _load_opt(opt, tensors, prefix, groups_json):
-    state = {}
-    for key, v in tensors.items():
-        if key.startswith(prefix + "/"):
-            i, k = key[len(prefix) + 1:].split("/")
-            state.setdefault(int(i), {})[k] = v
-    opt.load_state_dict({"state": state, "param_groups": json.loads(groups_json)})
-
-
-def save_checkpoint(path, cfg, m, ema, opt_student, opt_lora, state, gen):
-    tensors = {f"student/{k}": v.detach().cpu().contiguous() for k, v in m.student.state_dict().items()}
-    tensors.update({f"ema/{k}": v.contiguous() for k, v in (ema or {}).items()})
-    tensors.update({f"lora/{k}": v.detach().cpu().contiguous() for k, v in lora_state_dict(m.unet).items()})
-    t, groups_s = _opt_tensors(opt_student, "opt_student")
-    tensors.update(t)
-    groups_l = None
-    if opt_lora is not None:
-        t, groups_l = _opt_tensors(opt_lora, "opt_lora")
-        tensors.update(t)
-    tensors["rng"] = gen.get_state()
-    tensors["order"] = state["order"]
-    meta = {"config": json.dumps(asdict(cfg)), "step": str(state["step"]), "cursor": str(state["cursor"]),
-            "opt_student_groups": groups_s, "opt_lora_groups": groups_l or "null",
-            "prompts_sha256": _sha(m.prompts)}
-    _atomic_save(tensors, path, meta)
-
-
-def load_checkpoint(path, cfg, m, ema, opt_student, opt_lora, state, gen):
-    try:
-        with safe_open(path, "pt") as f:
-            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise UsageError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
-    saved = json.loads(meta["config"])
-    diff = [f"--{k.replace('_', '-')} {saved[k]} (now {v})" for k, v in asdict(cfg).items()
-            if k not in RESUMABLE and saved.get(k) != v]
-    if diff:
-        raise UsageError(f"{path} was trained with other settings: {', '.join(diff)}; resume with the same flags "
-                         f"(only --steps, --save-every, --sample-every may change)")
-    if meta["prompts_sha256"] != _sha(m.prompts):
-        raise UsageError(f"{path} was trained on another prompt list; resume with the same --prompts file")
-    with torch.no_grad():
-        for prefix, sd in (("student/", m.student.state_dict()), ("lora/", lora_state_dict(m.unet)), ("ema/", ema or {})):
-            for k, v in sd.items():
-                v.copy_(tensors[prefix + k])
-    _load_opt(opt_student, tensors, "opt_student", meta["opt_student_groups"])
-    if opt_lora is not None:
-        _load_opt(opt_lora, tensors, "opt_lora", meta["opt_lora_groups"])
-    gen.set_state(tensors["rng"])
-    state.update(step=int(meta["step"]), cursor=int(meta["cursor"]), order=tensors["order"])
-
-
-def _sha(prompts):
-    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()
-
-
-def export_unet(state_dict, config, folder):
-    """A standard `unet/` folder (config.json + diffusion_pytorch_model.safetensors): our load_unet and
-    diffusers' UNet2DConditionModel.from_pretrained both read it unchanged."""
-    os.makedirs(folder, exist_ok=True)
-    _atomic_save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()},
-                 os.path.join(folder, "diffusion_pytorch_model.safetensors"), {"format": "pt"})
-    tmp = os.path.join(folder, "config.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(config, f, indent=2)
-    os.replace(tmp, os.path.join(folder, "config.json"))
-
-
-# --------------------------------------------------------------------------------------------------
 # The training loop
 
 
@@ -469,15 +381,17 @@ def train(cfg: Config, models: Models = None, progress=True):
     gen = torch.Generator().manual_seed(cfg.seed)  # all of the loop's randomness: resumable exactly
     state = {"step": 0, "cursor": 0, "order": torch.randperm(len(m.prompts), generator=gen)}
     if has_ckpt:
-        load_checkpoint(ckpt, cfg, m, ema, opt_student, opt_lora, state, gen)
-        _truncate_log(os.path.join(cfg.out, "log.jsonl"), state["step"])
+        load_checkpoint(ckpt, asdict(cfg), RESUMABLE, m.prompts, m.student, m.unet, ema, opt_student, opt_lora,
+                        state, gen)
+        truncate_log(os.path.join(cfg.out, "log.jsonl"), state["step"])
     _write_run_info(cfg, m)
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     bar = tqdm(total=cfg.steps, initial=state["step"], disable=not progress, desc=f"{cfg.loss}-{cfg.param}",
                dynamic_ncols=True)
     history, log = [], open(os.path.join(cfg.out, "log.jsonl"), "a")
-    save = lambda: (save_checkpoint(ckpt, cfg, m, ema, opt_student, opt_lora, state, gen), _export(cfg, m, ema))
+    save = lambda: (save_checkpoint(ckpt, asdict(cfg), m.prompts, m.student, m.unet, ema, opt_student, opt_lora,
+                                    state, gen), _export(cfg, m, ema))
     interrupted = []
     main_thread = threading.current_thread() is threading.main_thread()  # signals can only be caught there
     if main_thread:
@@ -535,21 +449,6 @@ def _write_run_info(cfg, m):
             "config": asdict(cfg)}
     with open(os.path.join(cfg.out, "swiftbrush.json"), "w") as f:
         json.dump(info, f, indent=2)
-
-
-def _truncate_log(path, step):
-    """Drop log lines written after the checkpoint (a crash between saves), so the log matches the weights."""
-    if os.path.exists(path):
-        keep = []
-        with open(path) as f:
-            for line in f:
-                try:
-                    if json.loads(line)["step"] <= step:
-                        keep.append(line)
-                except (ValueError, KeyError, TypeError):  # a line cut short by a crash
-                    pass
-        with open(path, "w") as f:
-            f.writelines(keep)
 
 
 @torch.no_grad()
@@ -637,7 +536,7 @@ def main(argv=None):
         train(cfg)
         print(f"done: {cfg.steps} steps; student in {os.path.join(cfg.out, 'unet')} (EMA: unet_ema); "
               f"sample with: python sample.py --student {cfg.out} --prompt \"...\"")
-    except (UsageError, WeightsError) as e:
+    except (UsageError, WeightsError, CheckpointError) as e:
         sys.exit(f"swiftbrush: error: {e}")
     except TrainingDiverged as e:
         sys.exit(f"swiftbrush: training diverged: {e}. The last good checkpoint is untouched; try a lower --lr "

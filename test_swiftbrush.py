@@ -865,7 +865,8 @@ def test_interrupted_checkpoint_write_keeps_previous(sd_root, straight6, tmp_pat
     run(sd_root, tmp_path, 3)
     ckpt = tmp_path / "checkpoint.safetensors"
     before = ckpt.read_bytes()
-    real = sb.save_file
+    import checkpoint
+    real = checkpoint.save_file
 
     def crash(tensors, path, metadata=None):  # half a file on disk, then the process "dies"
         real(tensors, path, metadata=metadata)
@@ -873,7 +874,7 @@ def test_interrupted_checkpoint_write_keeps_previous(sd_root, straight6, tmp_pat
             f.truncate(os.path.getsize(path) // 2)
         raise OSError("simulated crash while writing")
 
-    monkeypatch.setattr(sb, "save_file", crash)
+    monkeypatch.setattr(checkpoint, "save_file", crash)
     with pytest.raises(OSError, match="simulated"):
         run(sd_root, tmp_path, 6)
     monkeypatch.undo()
