@@ -1,0 +1,240 @@
+"""The miniature: the synthetic world and its truth-based metrics, the tokenizer, images, the quick end-to-end run
+and the teacher cache."""
+import json
+import math
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import miniature
+import sample
+import swiftbrush as sb
+import world
+from unet import load_unet
+
+
+@pytest.fixture(scope="module")
+def real():
+    images, captions, attrs = world.sample_world(240, seed=0)
+    return images, captions, attrs, world.evaluate(images, captions)
+
+
+# ------------------------------------------------------------------------------------------------------ world
+def test_sample_world_deterministic_per_seed():
+    a, ca, aa = world.sample_world(16, seed=5)
+    b, cb, ab = world.sample_world(16, seed=5)
+    c, _, _ = world.sample_world(16, seed=6)
+    d, cd, _ = world.sample_world(16, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and ca == cb and all(torch.equal(aa[k], ab[k]) for k in aa)
+    assert torch.equal(a, d) and ca == cd
+    assert not torch.equal(a, c)
+
+
+def test_sample_world_invariants():
+    images, captions, attrs = world.sample_world(300, seed=1)
+    assert images.shape == (300, 3, 16, 16) and images.dtype == torch.float32
+    assert images.abs().max() <= 0.7 + 1e-6  # data never saturates: clipping by a generator is measurable
+    assert set(captions) == set(world.PROMPTS)  # every colour x shape occurs
+    for cap, ci, si in zip(captions, attrs["color"].tolist(), attrs["shape"].tolist()):
+        assert world.parse_caption(cap) == (ci, si)
+    s = attrs["size"]
+    assert s.min() >= 3 and s.max() <= 6
+    for c in (attrs["cx"], attrs["cy"]):
+        assert (c - s >= 0).all() and (c + s <= 16).all()  # the object lies fully inside
+    # Every pixel is the prompt's colour blended over the 0 background: image = alpha * colour, alpha in [0, 1].
+    colour = world.PALETTE[attrs["color"]][:, :, None, None]
+    alpha = images[:, :1] / colour[:, :1]
+    assert torch.allclose(images, alpha * colour, atol=1e-6) and alpha.min() >= 0 and alpha.max() <= 1 + 1e-6
+    assert (images[:, :, 0, :] == 0).float().mean() > 0.5  # mostly plain grey background at the top edge
+
+
+def test_coverage_matches_analytic_area():
+    s = torch.tensor([3.0, 4.5, 6.0] * 3)
+    shape = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    cov = world.render_coverage(shape, torch.full((9,), 8.0), torch.full((9,), 8.0), s).sum((1, 2))
+    area = torch.stack([math.pi * s[:3] ** 2, 4 * s[3:6] ** 2, 2 * s[6:] ** 2]).flatten()
+    assert torch.allclose(cov, area, rtol=0.05)
+
+
+def test_prompts_fix_colour_and_shape_but_not_layout():
+    prompts = world.PROMPTS * 2
+    images, captions, attrs = world.sample_world(24, seed=3, prompts=prompts)
+    _, _, free = world.sample_world(24, seed=3)
+    assert captions == prompts
+    assert torch.equal(attrs["cx"], free["cx"]) and torch.equal(attrs["size"], free["size"])
+    assert world.evaluate(images, captions)["color_acc"] == 1.0
+
+
+def test_parse_caption():
+    assert len(world.PROMPTS) == 12 and len(set(world.PROMPTS)) == 12
+    assert [world.parse_caption(p) for p in world.PROMPTS] == [(c, s) for c in range(4) for s in range(3)]
+    assert world.parse_caption("A Blue  TRIANGLE") == (2, 2)
+    for bad in ("a purple circle", "a red", "a red blue square"):
+        with pytest.raises(ValueError):
+            world.parse_caption(bad)
+
+
+# ---------------------------------------------------------------------------------------------------- metrics
+def test_real_samples_score_well(real):
+    images, captions, attrs, r = real
+    assert r["present"] == 1.0 and r["color_acc"] >= 0.95 and r["shape_acc"] >= 0.95
+    assert r["clipped"] == 0.0 and r["bg_noise"] < 0.01
+    assert r["pos_spread"] == pytest.approx(r["true_pos_spread"], rel=0.2)
+    assert r["size_spread"] == pytest.approx(r["true_size_spread"], rel=0.2)
+    assert 1.5 < r["true_pos_spread"] < 3 and 1 < r["true_size_spread"] < 2.5
+    assert 0.1 < r["saturation"] < 0.25
+    assert 0 <= r["fd"] < 0.3
+
+
+def test_grey_and_noise_score_badly(real):
+    images, captions, _, r = real
+    grey = world.evaluate(torch.zeros_like(images), captions)
+    assert grey["present"] == 0 and grey["color_acc"] == 0 and grey["shape_acc"] == 0
+    assert grey["fd"] > 10 * r["fd"]
+    g = torch.Generator().manual_seed(0)
+    for noise in (torch.randn(images.shape, generator=g), torch.randn(images.shape, generator=g).clamp(-1, 1),
+                  0.3 * torch.randn(images.shape, generator=g)):
+        m = world.evaluate(noise, captions)
+        # Noise puts many pixels near every palette colour, but scattered: no object may be found in it.
+        assert m["present"] <= 0.02 and m["color_acc"] <= 0.02 and m["shape_acc"] <= 0.02
+        assert m["bg_noise"] > 0.25 and m["fd"] > 10 * r["fd"]
+    assert world.evaluate(torch.randn(images.shape, generator=g), captions)["clipped"] > 0.2
+
+
+def test_metrics_follow_the_captions(real):
+    images, captions, _, r = real
+    idx = [world.PROMPTS.index(c) for c in captions]
+    other_colour = [world.PROMPTS[(i + 3) % 12] for i in idx]
+    other_shape = [world.PROMPTS[i // 3 * 3 + (i + 1) % 3] for i in idx]
+    m = world.evaluate(images, other_colour)
+    assert m["color_acc"] == 0 and m["present"] == 0
+    m = world.evaluate(images, other_shape)
+    assert m["color_acc"] >= 0.95 and m["shape_acc"] <= 0.05
+    assert m["fd"] == pytest.approx(r["fd"])  # the feature space does not see captions
+
+
+def test_detects_noise_saturation_and_collapse(real):
+    images, captions, _, r = real
+    noisy = world.evaluate(images + 0.1 * torch.randn(images.shape, generator=torch.Generator().manual_seed(1)),
+                           captions)
+    assert noisy["color_acc"] >= 0.95 and 0.07 < noisy["bg_noise"] < 0.13 and noisy["fd"] > r["fd"]
+    hot = world.evaluate((1.4 * images).clamp(-1, 1), captions)
+    assert hot["clipped"] > 0.1 and hot["saturation"] > r["saturation"] and hot["fd"] > 3 * r["fd"]
+    one, caps, _ = world.sample_world(12, seed=9, prompts=world.PROMPTS)  # one image per prompt, repeated
+    rep = torch.arange(240) % 12
+    collapsed = world.evaluate(one[rep], [caps[i] for i in rep])
+    assert collapsed["color_acc"] == 1 and collapsed["pos_spread"] < 1e-3 and collapsed["size_spread"] < 1e-3
+    assert collapsed["fd"] > 3 * r["fd"]
+
+
+def test_frechet_distance_known_values():
+    rng = np.random.default_rng(0)
+    d, mu = 5, np.arange(5.0)
+    assert world.frechet_distance(mu, np.eye(d), mu, np.eye(d)) == pytest.approx(0, abs=1e-9)
+    # N(0, I) vs N(m, 4 I): |m|^2 + d (1 + 4 - 2 * 2)
+    assert world.frechet_distance(np.zeros(d), np.eye(d), mu, 4 * np.eye(d)) == pytest.approx(30 + d)
+    # Non-commuting covariances: tr sqrt(C1 C2) is the sum of the square roots of the eigenvalues of C1 C2.
+    a, b = rng.standard_normal((d, d)), rng.standard_normal((d, d))
+    c1, c2 = a @ a.T + 0.1 * np.eye(d), b @ b.T + 0.1 * np.eye(d)
+    expect = np.trace(c1) + np.trace(c2) - 2 * np.sqrt(np.linalg.eigvals(c1 @ c2).real).sum()
+    assert world.frechet_distance(mu, c1, mu, c2) == pytest.approx(expect, rel=1e-6)
+    assert world.frechet_distance(mu, c1, mu, c2) == pytest.approx(world.frechet_distance(mu, c2, mu, c1), rel=1e-6)
+
+
+def test_evaluate_is_fast(real):
+    images, captions, _, _ = real
+    t = time.perf_counter()
+    world.evaluate(images[:200], captions[:200])
+    assert time.perf_counter() - t < 3.0  # ~0.25 s on an idle 2-core CPU; loose so that machine load does not flake
+
+
+# -------------------------------------------------------------------------------------------------- tokenizer
+def test_write_tokenizer_round_trip(tmp_path):
+    from transformers import CLIPTokenizer
+    words = ["a", *world.COLORS, *world.SHAPES]
+    info = world.write_tokenizer(tmp_path, words, max_length=16)
+    tok = CLIPTokenizer.from_pretrained(tmp_path)
+    assert tok.model_max_length == 16 and len(tok) == info["vocab_size"]
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    assert (bos, eos, tok.pad_token_id) == (info["bos_token_id"], info["eos_token_id"], info["eos_token_id"])
+    assert eos == info["vocab_size"] - 1  # largest id: CLIPTextModel's legacy argmax pooling finds it
+    ids = tok(["a red circle", ""], padding="max_length", max_length=16)["input_ids"]
+    assert ids[0][:5] == [bos, ids[0][1], ids[0][2], ids[0][3], eos] and ids[0][5:] == [eos] * 11
+    assert ids[1] == [bos] + [eos] * 15
+    # Every vocabulary word is one distinct, known token.
+    word_ids = {w: tok(w)["input_ids"] for w in words}
+    assert all(len(v) == 3 and v[0] == bos and v[2] == eos for v in word_ids.values())
+    singles = [v[1] for v in word_ids.values()]
+    assert len(set(singles)) == len(words) and eos not in singles and bos not in singles
+    assert tok("A  RED Circle")["input_ids"] == tok("a red circle")["input_ids"]  # lower-casing, whitespace
+    caps = [tok(p)["input_ids"] for p in world.PROMPTS]
+    assert len({tuple(c) for c in caps}) == 12
+    # An unknown word falls back to characters, not to unk.
+    purple = tok("purple")["input_ids"][1:-1]
+    assert len(purple) == 6 and eos not in purple
+    assert tok.decode(ids[0], skip_special_tokens=True) == "a red circle"
+
+
+# ---------------------------------------------------------------------------------------------------- pictures
+def test_save_grid(tmp_path):
+    red = world.PALETTE[0].view(1, 3, 1, 1).expand(3, 3, 16, 16)
+    rows = [red, torch.zeros(5, 3, 16, 16)]
+    sample.save_grid(rows, tmp_path / "g.png")
+    img = Image.open(tmp_path / "g.png")
+    assert img.size == (2 + 5 * (64 + 2), 2 + 2 * (64 + 2))  # 16 px upscaled x4, 2 px padding
+    assert img.getpixel((2 + 32, 2 + 32)) == (217, 38, 38)  # (0.7 + 1) * 127.5 rounded, (-0.7 + 1) * 127.5
+    assert img.getpixel((2 + 3 * 66 + 32, 2 + 32)) == (255, 255, 255)  # short row: empty cells stay white
+    assert img.getpixel((2 + 32, 2 + 66 + 32)) == (128, 128, 128)
+    labelled = sample.save_grid(rows, tmp_path / "l.png", labels=["red", "grey"])
+    assert labelled.size[0] > img.size[0] and labelled.size[1] == img.size[1]
+    sample.save_grid([torch.zeros(2, 3, 128, 128)], tmp_path / "b.png")
+    assert Image.open(tmp_path / "b.png").size == (2 + 2 * 130, 2 + 130)  # large images are not upscaled
+
+
+def test_save_plot(tmp_path):
+    rng = np.random.default_rng(0)
+    curves = {"loss": [(i, math.exp(-i / 100) + 0.1 * rng.standard_normal()) for i in range(300)],
+              "fd": [(0, 3.0), (100, float("nan")), (200, 1.0)], "one": [(50, 0.5)], "none": []}
+    sample.save_plot(curves, tmp_path / "p.png", "training", size=(500, 300))
+    img = Image.open(tmp_path / "p.png").convert("RGB")
+    assert img.size == (500, 300)
+    pixels = set(map(tuple, np.asarray(img).reshape(-1, 3).tolist()))
+    for colour in sample.PLOT_COLORS[:3]:
+        assert colour in pixels  # each curve with data was drawn
+    ma = sample._moving_average(np.arange(10.0), 3)
+    assert np.allclose(ma[1:-1], np.arange(1.0, 9.0)) and ma[0] == 0.5
+
+
+def test_miniature_quick_end_to_end_and_teacher_cache(tmp_path, capsys):
+    out = str(tmp_path / "mini")
+    sb.main(["--quick", "--out", out])
+    for name in ("table.md", "results.json", "grid.png", "curves_student.png", "curves_lora.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    results = json.load(open(os.path.join(out, "results.json")))["results"]
+    assert len(results) == 2 + len(miniature.METHODS)
+    for r in results.values():
+        assert 0 <= r["metrics"]["color_acc"][0] <= 1 and math.isfinite(r["metrics"]["fd"][0])
+    table = open(os.path.join(out, "table.md")).read()
+    assert "SDS, x0 student" in table and "the world (truth)" in table and table in capsys.readouterr().out
+    assert Image.open(os.path.join(out, "grid.png")).size[1] >= 64 * (3 + len(miniature.METHODS))
+
+    teacher = os.path.join(out, "teacher")
+    weights = os.path.join(teacher, "unet", "diffusion_pytorch_model.safetensors")
+    mtime = os.path.getmtime(weights)
+    miniature.build_teacher(teacher, quick=True, progress=False)  # intact: reused, not retrained
+    assert os.path.getmtime(weights) == mtime and "cached" in capsys.readouterr().out
+    assert not miniature.cached_teacher(teacher, miniature._recipe(quick=False))  # another recipe is stale
+    with open(weights, "r+b") as f:  # corrupt one byte: the cache must not be trusted
+        f.seek(os.path.getsize(weights) // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+    assert not miniature.cached_teacher(teacher, miniature._recipe(quick=True))
+    miniature.build_teacher(teacher, quick=True, progress=False)
+    assert "cached" not in capsys.readouterr().out
+    assert miniature.cached_teacher(teacher, miniature._recipe(quick=True))
+    load_unet(teacher)
