@@ -15,8 +15,6 @@ class CheckpointError(ValueError):
     """An unreadable checkpoint, or one trained with other settings; the message says what to do."""
 
 
-
-
 def _atomic_save(tensors, path, metadata):
     tmp = path + ".tmp"
     save_file(tensors, tmp, metadata=metadata)
@@ -70,8 +68,8 @@ def load_checkpoint(path, config, resumable, prompts, student, unet, ema, opt_st
     diff = [f"--{k.replace('_', '-')} {saved.get(k)} (now {v})" for k, v in config.items()
             if k not in resumable and saved.get(k) != v]
     if diff:
-        raise CheckpointError(f"{path} was trained with other settings: {', '.join(diff)}; resume with the same flags "
-                         f"(only --steps, --save-every, --sample-every may change)")
+        raise CheckpointError(f"{path} was trained with other settings: {', '.join(diff)}; resume with the same "
+                              f"flags (only --steps, --save-every, --sample-every may change)")
     if meta["prompts_sha256"] != _sha(prompts):
         raise CheckpointError(f"{path} was trained on another prompt list; resume with the same --prompts file")
     with torch.no_grad():

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from unet import WeightsError
@@ -120,7 +121,6 @@ def save_lora(unet, path):
 
 def load_lora(unet, path):
     """Inject (if needed) and load LoRA weights saved by `save_lora`; checks keys and shapes."""
-    from safetensors import safe_open
     try:
         with safe_open(path, "pt") as f:
             config = json.loads((f.metadata() or {})["lora_config"])

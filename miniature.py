@@ -130,11 +130,16 @@ def eval_batches(seeds, per_prompt):
     return [(s, captions, torch.randn(shape, generator=torch.Generator().manual_seed(1000 + s))) for s in seeds]
 
 
-@torch.no_grad()
-def generate(kind, net, teacher_folder, captions, z, param="x0", ddim_steps=25):
+def conditioning(teacher_folder, captions):
+    """(context, uncond, schedule) of the evaluation captions: encoded once, shared by every method."""
     tokenizer, encoder = load_text(teacher_folder)
-    ctx, uncond = encode_prompts(tokenizer, encoder, captions), encode_prompts(tokenizer, encoder, [""])
-    schedule = read_schedule(teacher_folder)
+    return (encode_prompts(tokenizer, encoder, captions), encode_prompts(tokenizer, encoder, [""]),
+            read_schedule(teacher_folder))
+
+
+@torch.no_grad()
+def generate(kind, net, cond, z, param="x0", ddim_steps=25):
+    ctx, uncond, schedule = cond
     if kind == "ddim":
         x = ddim_sample(net, schedule, ctx, uncond, z, ddim_steps, GUIDANCE)
     else:  # one step: f_theta (the teacher itself at initialisation)
@@ -190,6 +195,7 @@ def main(args):
     ddim_steps = QUICK["ddim_steps"] if quick else 25
     batches = eval_batches(seeds, per_prompt)
     teacher = load_unet(teacher_dir)
+    cond = conditioning(teacher_dir, batches[0][1])  # every batch has the same captions
     results, grid_rows, curves_student, curves_lora = {}, [], {}, {}
     grid_idx = torch.arange(0, len(world.PROMPTS) * per_prompt, per_prompt)  # one sample of each prompt, seed 0
 
@@ -199,9 +205,9 @@ def main(args):
         grid_rows.append((name, imgs[0][grid_idx]))
 
     record(f"teacher, DDIM + CFG {GUIDANCE:g}", ddim_steps,
-           [generate("ddim", teacher, teacher_dir, caps, z, ddim_steps=ddim_steps) for _, caps, z in batches])
+           [generate("ddim", teacher, cond, z, ddim_steps=ddim_steps) for _, _, z in batches])
     record("teacher, one step (Eq. 7 at init)", 1,
-           [generate("one", teacher, teacher_dir, caps, z) for _, caps, z in batches])
+           [generate("one", teacher, cond, z) for _, _, z in batches])
 
     base = dict(STUDENT, model=teacher_dir, prompts=prompts_file)
     if quick:
@@ -214,7 +220,7 @@ def main(args):
         m = train(cfg, progress=True)
         sec = (time.time() - t0) / cfg.steps
         student = m.student.eval()  # the raw student: an EMA over 800 steps mixes in the early, noisy students
-        record(name, 1, [generate("one", student, teacher_dir, caps, z, param=cfg.param) for _, caps, z in batches],
+        record(name, 1, [generate("one", student, cond, z, param=cfg.param) for _, _, z in batches],
                {"sec_per_iter": f"{sec:.2f}", "config": asdict(cfg)})
         short = f"{cfg.loss}-{cfg.param}"
         curves_student[short] = [(h["step"], h["loss_student"]) for h in m.history]

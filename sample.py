@@ -9,13 +9,12 @@ import json
 import math
 import os
 import sys
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from swiftbrush import UsageError, decode_latents, eps_cfg, encode_prompts, f_theta, load_text, read_schedule
+from swiftbrush import UsageError, autocast_for, decode_latents, eps_cfg, encode_prompts, f_theta, load_text, read_schedule
 from unet import WeightsError, load_unet
 
 
@@ -187,7 +186,7 @@ def generate(a):
         vae = load_vae(os.path.join(model, "vae"), dtype).to(device)
     teacher = load_unet(model, dtype).to(device) if a.teacher_steps else None
     c = (info or {}).get("latent_shape") or [teacher.config.get("in_channels", 4)] + [teacher.config.get("sample_size", 64)] * 2
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    autocast = autocast_for(device)
     student = student.to(device, dtype) if student is not None else None
     out = []
     for i, prompt in enumerate(a.prompt):

@@ -179,6 +179,8 @@ class Models:
     uncond: torch.Tensor       # [1, L, D] embedding of "" (CFG's unconditional branch)
     latent_shape: tuple        # (C, H, W)
     vae: object = None         # None: the model works in pixel space (the miniature)
+    history: list = None       # set by train(): the logged dict of every step
+    ema: dict = None           # set by train(): the student's EMA state dict (None when --ema-decay 0)
 
     def decode(self, x0):
         if self.vae is not None:
@@ -199,7 +201,7 @@ def decode_latents(vae, x0):
 
 def load_models(cfg: Config, device):
     """Read the SD folder, encode the prompts once and free the text encoder."""
-    unet = load_unet(os.path.join(cfg.model, "unet") if os.path.isdir(os.path.join(cfg.model, "unet")) else cfg.model)
+    unet = load_unet(cfg.model)  # the root or its unet/ folder
     schedule = read_schedule(cfg.model)
     vae = None
     if os.path.isdir(os.path.join(cfg.model, "vae")):
@@ -214,11 +216,17 @@ def load_models(cfg: Config, device):
         torch.cuda.empty_cache()
     factor = 2 ** (len(vae.config["block_out_channels"]) - 1) if vae is not None else 1
     res = cfg.resolution or unet.config.get("sample_size", 64) * factor
-    if res % (factor * 2 ** (len(unet.config["block_out_channels"]) - 1)):
-        raise UsageError(f"--resolution {res} must be a multiple of {factor * 2 ** (len(unet.config['block_out_channels']) - 1)}")
+    multiple = factor * 2 ** (len(unet.config["block_out_channels"]) - 1)  # VAE and UNet downsampling
+    if res % multiple:
+        raise UsageError(f"--resolution {res} must be a multiple of {multiple}")
     latent_shape = (unet.config.get("in_channels", 4), res // factor, res // factor)
     student = copy.deepcopy(unet)
     return Models(unet, student, schedule, prompts, embeddings, uncond, latent_shape, vae)
+
+
+def autocast_for(device):
+    """bf16 autocast on CUDA; plain fp32 on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 def f_theta(student, z, context, schedule, param="x0"):
@@ -235,9 +243,8 @@ def eps_cfg(unet, x_t, t, context, uncond, scale, schedule):
     """Classifier-free guidance: eps_u + s * (eps_c - eps_u), both branches in one batch."""
     if scale == 1.0:
         return schedule.eps(unet(x_t, t, context), x_t, t)
-    B = x_t.shape[0]
-    out = schedule.eps(unet(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                            torch.cat([uncond.expand(B, -1, -1), context])), torch.cat([x_t, x_t]), torch.cat([t, t]))
+    x2, t2 = torch.cat([x_t, x_t]), torch.cat([t, t])
+    out = schedule.eps(unet(x2, t2, torch.cat([uncond.expand(x_t.shape[0], -1, -1), context])), x2, t2)
     eps_u, eps_c = out.float().chunk(2)
     return eps_u + scale * (eps_c - eps_u)
 
@@ -284,8 +291,10 @@ def diffusion_loss(unet, x0, context, uncond, schedule, gen, p_uncond=0.1, abar_
     return F.mse_loss(w * pred, w * eps)
 
 
-def _apply(opt, name, state, logs):
-    """Clip to norm 1, step, free the gradients."""
+def _apply(opt, name, loss, state, logs):
+    """Check the loss and gradient are finite, clip to norm 1, step, free the gradients."""
+    if not math.isfinite(loss):
+        raise TrainingDiverged(f"loss_{name} became {loss} at step {state['step'] + 1}")
     norm = torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], 1.0).item()
     if not math.isfinite(norm):
         raise TrainingDiverged(f"the {name} gradient norm became {norm} at step {state['step'] + 1}")
@@ -312,19 +321,15 @@ def train_step(m: Models, cfg: Config, state, opt_student, opt_lora, gen, autoca
         (loss / cfg.grad_accum).backward()
         losses["loss_student"] += loss.item() / cfg.grad_accum
         renders.append((x0.detach(), context))
-    if not math.isfinite(losses["loss_student"]):
-        raise TrainingDiverged(f"loss_student became {losses['loss_student']} at step {state['step'] + 1}")
     grads = {}
-    _apply(opt_student, "student", state, grads)
+    _apply(opt_student, "student", losses["loss_student"], state, grads)
     if opt_lora is not None:                                                      # step 5: Eq. 6 on sg(x0)
         for x0, context in renders:
             with autocast:
                 loss_phi = diffusion_loss(m.unet, x0, context, m.uncond, m.schedule, gen)
             (loss_phi / cfg.grad_accum).backward()
             losses["loss_lora"] += loss_phi.item() / cfg.grad_accum
-        if not math.isfinite(losses["loss_lora"]):
-            raise TrainingDiverged(f"loss_lora became {losses['loss_lora']} at step {state['step'] + 1}")
-        _apply(opt_lora, "lora", state, grads)
+        _apply(opt_lora, "lora", losses["loss_lora"], state, grads)
     return {**losses, **grads}
 
 
@@ -347,7 +352,7 @@ def next_prompts(state, n, gen):
 def train(cfg: Config, models: Models = None, progress=True):
     """Run Algorithm 1 for cfg.steps iterations in total (continuing a checkpoint in cfg.out if present).
 
-    Returns the Models (student trained) and the EMA state dict."""
+    Returns the Models: the student trained, with `history` and `ema` filled in."""
     from tqdm import tqdm
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
@@ -369,9 +374,6 @@ def train(cfg: Config, models: Models = None, progress=True):
             phi = inject_lora(m.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","))
         except ValueError as e:
             raise UsageError(f"--lora-targets {cfg.lora_targets!r}: {e}") from None
-        for p in phi:
-            p.data = p.data.float()
-            p.requires_grad_(True)
         m.unet.train()
         opt_lora = torch.optim.Adam(phi, lr=cfg.lora_lr, betas=(0.9, 0.999), weight_decay=0.0)
     opt_student = torch.optim.Adam(m.student.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
@@ -386,7 +388,7 @@ def train(cfg: Config, models: Models = None, progress=True):
         truncate_log(os.path.join(cfg.out, "log.jsonl"), state["step"])
     _write_run_info(cfg, m)
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    autocast = autocast_for(device)
     bar = tqdm(total=cfg.steps, initial=state["step"], disable=not progress, desc=f"{cfg.loss}-{cfg.param}",
                dynamic_ncols=True)
     history, log = [], open(os.path.join(cfg.out, "log.jsonl"), "a")
@@ -460,7 +462,7 @@ def sample_grid(m: Models, cfg: Config, path, n_prompts=4, n_seeds=2):
     rows = []
     for seed in range(n_seeds):
         z = torch.randn((k, *m.latent_shape), generator=torch.Generator().manual_seed(seed)).to(device)
-        with torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext():
+        with autocast_for(device):
             x0 = f_theta(m.student, z, m.embeddings[:k].to(device), m.schedule, cfg.param)
         rows.append(m.decode(x0).cpu())
     save_grid(rows, path)
