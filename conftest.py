@@ -1,6 +1,19 @@
-"""Shared by the test files: one intra-op thread, and the relative error used for every parity check."""
+"""Shared by the test files: nothing leaves this machine or touches the user's caches, one intra-op thread, and the
+relative error used for every parity check."""
+import atexit
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
+
+# Set before anything imports huggingface_hub (it reads them once): no download ever, an empty hub cache, and the
+# miniature's teacher cache in a temporary folder too.
+_CACHES = tempfile.mkdtemp(prefix="swiftbrush-tests-")
+atexit.register(shutil.rmtree, _CACHES, ignore_errors=True)
+os.environ.update(HF_HUB_OFFLINE="1", HF_HOME=os.path.join(_CACHES, "hf"),
+                  SWIFTBRUSH_CACHE=os.path.join(_CACHES, "swiftbrush"))
 
 TOL = 1e-4  # max|a-b| / max|a| in fp32
 

@@ -1,6 +1,7 @@
 """Algorithm 1 on tiny random models in the official SD folder layout: LoRA teacher, Eq. 7 student, Eq. 5 / Eq. 2
-gradients and their surrogate loss, the loop (what changes and what must not), exact resume, Ctrl-C, crash and NaN
-safety, the CLI's errors, export, sampling and text encoding. diffusers builds the folders and serves as oracle."""
+gradients and their surrogate loss, the loop (what changes and what must not), exact resume (also after SIGKILL),
+Ctrl-C, crash and NaN safety, --model (folder, hub cache, miniature), --ablation, the CLI's errors, export,
+sampling, text encoding and the layout. diffusers builds the folders and serves as oracle."""
 import json
 import os
 import shutil
@@ -16,12 +17,12 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import checkpoint
 import lora
 import sample
 import swiftbrush as sb
-import world
 from conftest import rel_err
+from files import checkpoint, models
+from miniature import world
 from unet import WeightsError, load_unet
 
 diffusers = pytest.importorskip("diffusers")
@@ -91,10 +92,13 @@ BASE = dict(batch_size=2, lora_rank=4, lora_alpha=8.0, lr=1e-3, save_every=0, sa
 
 
 def run(root, out, steps, models=None, **kw):
+    """train(); returns (models, state, the log rows this call wrote)."""
+    done = len(checkpoint.read_log(out)) if os.path.exists(os.path.join(out, "log.jsonl")) else 0
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sb, "EMA_EVERY", 2)
-        return sb.train(sb.Config(model=root, out=str(out), steps=steps, **{**BASE, **kw}), models=models,
-                        progress=False)
+        m, state = sb.train(sb.Config(model=root, out=str(out), steps=steps, **{**BASE, **kw}), models=models,
+                            progress=False)
+    return m, state, checkpoint.read_log(out)[done:]
 
 
 def cli_args(root, out, steps):
@@ -142,8 +146,7 @@ def assert_same_ckpt(a, b):
 
 
 def read_log(out):
-    with open(os.path.join(out, "log.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = checkpoint.read_log(out)
     for r in rows:
         r.pop("sec_per_step")
     return rows
@@ -233,7 +236,7 @@ def test_f_theta_at_step0_is_teachers_x0_prediction(sd_root, sd_root_v, pred):
     a, s = abar ** 0.5, (1 - abar) ** 0.5
     z, ctx = inputs(seed=4)
     with torch.no_grad():
-        out = m.unet(z, torch.tensor([999, 999]), ctx)
+        out = m.teacher(z, torch.tensor([999, 999]), ctx)
         want = (z - s * out) / a if pred == "epsilon" else a * z - s * out  # v: x0 = alpha z - sigma v
         got = sb.f_theta(m.student, z, ctx, m.schedule)
         assert rel_err(want, got) < 1e-5
@@ -245,7 +248,7 @@ def vsd_models(sd_root):
     """Models as train() sets them up for VSD: a LoRA on the teacher UNet."""
     m = sb.load_models(sb.Config(model=sd_root), CPU)
     torch.manual_seed(0)
-    lora.inject_lora(m.unet, 4, 8.0)
+    lora.inject_lora(m.teacher, 4, 8.0)
     return m
 
 
@@ -282,9 +285,9 @@ def test_sds_gradient_by_hand(vsd_models):
     abar = torch.tensor([float(np.prod(1 - betas[:int(i) + 1])) for i in t], dtype=torch.float32)
     a, s = abar.sqrt().view(-1, 1, 1, 1), (1 - abar).sqrt().view(-1, 1, 1, 1)
     x_t = a * x0 + s * eps
-    with torch.no_grad(), lora.lora_disabled(m.unet):
-        e_u = m.unet(x_t, t, m.uncond.expand(2, -1, -1))
-        e_c = m.unet(x_t, t, ctx)
+    with torch.no_grad(), lora.lora_disabled(m.teacher):
+        e_u = m.teacher(x_t, t, m.uncond.expand(2, -1, -1))
+        e_c = m.teacher(x_t, t, ctx)
     want = s ** 2 * (e_u + 3.0 * (e_c - e_u) - eps)
     assert rel_err(want, g) < 1e-4
 
@@ -294,7 +297,7 @@ def test_surrogate_loss_gradient_is_g(vsd_models, loss):
     m = vsd_models
     with torch.no_grad():  # a LoRA that has learnt something, so VSD's g is not zero
         g0 = torch.Generator().manual_seed(9)
-        for p in lora.lora_parameters(m.unet):
+        for p in lora.lora_parameters(m.teacher):
             p.copy_(0.2 * torch.randn(p.shape, generator=g0))
     x0, ctx = _x0_ctx(m)
     g = sb.score_gradient(m, sb.Config(loss=loss), x0, ctx, torch.Generator().manual_seed(1))
@@ -320,18 +323,18 @@ def test_surrogate_loss_gradient_is_g(vsd_models, loss):
 
 def test_vsd_steps_train_student_and_lora_only(sd_root, tmp_path):
     official = load_file(os.path.join(sd_root, UNET_FILE))
-    m = run(sd_root, tmp_path / "vsd", 3)
-    base = lora.base_state_dict(m.unet)
+    m, _, log = run(sd_root, tmp_path / "vsd", 3)
+    base = lora.base_state_dict(m.teacher)
     assert set(base) == set(official) and all(torch.equal(base[k], official[k]) for k in official)
-    assert not any(p.requires_grad for k, p in m.unet.named_parameters() if "lora_" not in k)
+    assert not any(p.requires_grad for k, p in m.teacher.named_parameters() if "lora_" not in k)
     st = m.student.state_dict()
     assert set(st) == set(official)
     assert any(not torch.equal(st[k], official[k]) for k in official)  # the student moved
-    ups = [mod.lora_up.weight for _, mod in lora.lora_layers(m.unet)]
+    ups = [mod.lora_up.weight for _, mod in lora.lora_layers(m.teacher)]
     assert ups and all(u.abs().max() > 0 for u in ups)  # the LoRA moved (B started at 0)
-    assert len(m.history) == 3 and all(np.isfinite(h["loss_lora"]) and h["loss_lora"] > 0 for h in m.history)
-    assert m.history[0]["grad_norm_student"] == 0.0  # step 1: eps_psi == eps_phi, g = 0
-    assert m.history[-1]["grad_norm_student"] > 0
+    assert len(log) == 3 and all(np.isfinite(h["loss_lora"]) and h["loss_lora"] > 0 for h in log)
+    assert log[0]["grad_norm_student"] == 0.0  # step 1: eps_psi == eps_phi, g = 0
+    assert log[-1]["grad_norm_student"] > 0
     tensors, meta = read_ckpt(tmp_path / "vsd" / "checkpoint.safetensors")
     assert meta["step"] == "3"
     assert any(k.startswith("lora/") for k in tensors) and any(k.startswith("opt_lora/") for k in tensors)
@@ -339,31 +342,31 @@ def test_vsd_steps_train_student_and_lora_only(sd_root, tmp_path):
 
 def test_sds_mode_has_no_lora(sd_root, tmp_path):
     official = load_file(os.path.join(sd_root, UNET_FILE))
-    m = run(sd_root, tmp_path / "sds", 3, loss="sds")
-    assert not lora.lora_layers(m.unet)
-    assert set(m.unet.state_dict()) == set(official)
+    m, _, log = run(sd_root, tmp_path / "sds", 3, loss="sds")
+    assert not lora.lora_layers(m.teacher)
+    assert set(m.teacher.state_dict()) == set(official)
     assert any(not torch.equal(m.student.state_dict()[k], official[k]) for k in official)
     tensors, meta = read_ckpt(tmp_path / "sds" / "checkpoint.safetensors")
     assert not any(k.startswith(("lora/", "opt_lora/")) for k in tensors)
-    assert json.loads(meta["opt_lora_groups"]) is None
-    assert all(h.get("loss_lora", 0) == 0 and h.get("lora_lr") is None for h in m.history)
-    m2 = run(sd_root, tmp_path / "sds", 4, loss="sds")  # and an SDS checkpoint resumes
-    assert len(m2.history) == 1 and read_ckpt(tmp_path / "sds" / "checkpoint.safetensors")[1]["step"] == "4"
+    assert set(json.loads(meta["param_groups"])) == {"opt_student"}
+    assert len(log) == 3 and not any("loss_lora" in h or "grad_norm_lora" in h for h in log)
+    _, _, log = run(sd_root, tmp_path / "sds", 4, loss="sds")  # and an SDS checkpoint resumes
+    assert len(log) == 1 and read_ckpt(tmp_path / "sds" / "checkpoint.safetensors")[1]["step"] == "4"
 
 
 @pytest.fixture(scope="module")
 def straight6(sd_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight6")
-    m = run(sd_root, out, 6)
-    return str(out), m
+    m, state, _ = run(sd_root, out, 6)
+    return str(out), m, state
 
 
 def test_resume_is_exact(sd_root, straight6, tmp_path):
-    out6, _ = straight6
+    out6 = straight6[0]
     run(sd_root, tmp_path, 3)
     assert read_ckpt(tmp_path / "checkpoint.safetensors")[1]["step"] == "3"
-    m = run(sd_root, tmp_path, 6)  # finds the checkpoint and continues
-    assert len(m.history) == 3
+    _, _, log = run(sd_root, tmp_path, 6)  # finds the checkpoint and continues
+    assert len(log) == 3
     keys = load_file(str(tmp_path / "checkpoint.safetensors"))
     for prefix in ("student/", "ema/", "lora/", "opt_student/", "opt_lora/", "rng", "order"):
         assert any(k.startswith(prefix) for k in keys), prefix
@@ -374,22 +377,25 @@ def test_resume_is_exact(sd_root, straight6, tmp_path):
 
 
 def test_resume_via_cli_and_refusals(sd_root, straight6, tmp_path, capsys):
-    out6, _ = straight6
+    out6 = straight6[0]
     out = tmp_path / "cli"
     cli(cli_args(sd_root, out, 3))
     line = cli_error(cli_args(sd_root, out, 6), capsys)  # a checkpoint exists and no --resume
     assert "--resume" in line and "checkpoint" in line
     line = cli_error(cli_args(sd_root, out, 6) + ["--resume", "--lr", "2e-3"], capsys)
     assert "--lr" in line
-    line = cli_error(cli_args(sd_root, tmp_path / "empty", 6) + ["--resume"], capsys)
-    assert "no checkpoint" in line
     cli(cli_args(sd_root, out, 6) + ["--resume"])
     assert_same_ckpt(os.path.join(out6, "checkpoint.safetensors"), out / "checkpoint.safetensors")
     assert read_log(out6) == read_log(out)
+    capsys.readouterr()
+    fresh = tmp_path / "fresh"  # --resume and nothing to resume: a notice, then the whole run from step 0
+    cli(cli_args(sd_root, fresh, 6) + ["--resume"])
+    assert "no checkpoint in" in capsys.readouterr().out
+    assert_same_ckpt(os.path.join(out6, "checkpoint.safetensors"), fresh / "checkpoint.safetensors")
 
 
 def test_interrupted_checkpoint_write_keeps_previous(sd_root, straight6, tmp_path, monkeypatch):
-    out6, _ = straight6
+    out6 = straight6[0]
     run(sd_root, tmp_path, 3)
     ckpt = tmp_path / "checkpoint.safetensors"
     before = ckpt.read_bytes()
@@ -504,14 +510,14 @@ def test_cli_bad_input_more(sd_root, tmp_path, capsys, case):
 def test_read_prompts(tmp_path):
     p = tmp_path / "p.txt"
     p.write_text("b cat\n\n  a dog  \nb cat\ncafé ☕ 東京\n\n", encoding="utf-8")
-    assert sb.read_prompts(str(p)) == ["b cat", "a dog", "café ☕ 東京"]
-    assert sb.read_prompts(None) == sb.DEMO_PROMPTS
+    assert models.read_prompts(str(p)) == ["b cat", "a dog", "café ☕ 東京"]
+    assert models.read_prompts(None) == models.DEMO_PROMPTS
 
 
 def test_read_prompts_utf8_bom(tmp_path):
     p = tmp_path / "bom.txt"
     p.write_text("a cat\na dog\n", encoding="utf-8-sig")
-    assert sb.read_prompts(str(p)) == ["a cat", "a dog"]
+    assert models.read_prompts(str(p)) == ["a cat", "a dog"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -520,14 +526,14 @@ def test_read_prompts_utf8_bom(tmp_path):
 
 def test_export_loads_with_ours_and_diffusers(straight6):
     from diffusers import UNet2DConditionModel
-    out, m = straight6
+    out, m, state = straight6
     x, ctx = inputs(seed=11)
     t = torch.tensor([999, 400])
     with torch.no_grad():
         want = m.student(x, t, ctx)
         assert torch.equal(load_unet(os.path.join(out, "unet"))(x, t, ctx), want)
         ema = load_unet(os.path.join(out, "unet_ema"))
-        assert all(torch.equal(v, m.ema[k]) for k, v in ema.state_dict().items())
+        assert all(torch.equal(v, state["ema"][k]) for k, v in ema.state_dict().items())
         assert not torch.equal(ema(x, t, ctx), want)
         ref = UNet2DConditionModel.from_pretrained(os.path.join(out, "unet")).eval()
         assert rel_err(want, ref(x, t, encoder_hidden_states=ctx).sample) < 1e-4
@@ -537,7 +543,7 @@ def test_export_loads_with_ours_and_diffusers(straight6):
 
 
 def test_sample_cli_writes_png(straight6, tmp_path, capsys):
-    out, _ = straight6
+    out = straight6[0]
     png = tmp_path / "s.png"
     sample.main(["--student", out, "--teacher-steps", "2", "--prompt", "a cat", "--prompt", "a dog", "--n", "2",
                  "--out", str(png)])
@@ -553,7 +559,7 @@ def test_sample_cli_writes_png(straight6, tmp_path, capsys):
 def test_ddim_matches_diffusers_scheduler(sd_root, sd_root_v, pred):
     from diffusers import DDIMScheduler, UNet2DConditionModel
     root = sd_root if pred == "epsilon" else sd_root_v
-    ours, schedule = load_unet(root), sb.read_schedule(root)
+    ours, schedule = load_unet(root), sb.Schedule(models.scheduler_config(root))
     ref = UNet2DConditionModel.from_pretrained(os.path.join(root, "unet")).eval()
     sched = DDIMScheduler.from_pretrained(os.path.join(root, "scheduler"))
     assert sched.config.prediction_type == pred
@@ -578,11 +584,11 @@ def test_ddim_matches_diffusers_scheduler(sd_root, sd_root_v, pred):
 
 def test_encode_prompts_matches_clip_by_hand(sd_root):
     from transformers import CLIPTextModel
-    tok, enc = sb.load_text(sd_root)
+    tok, enc = models.load_text(sd_root)
     ref = CLIPTextModel.from_pretrained(os.path.join(sd_root, "text_encoder")).eval()
     L = tok.model_max_length
     prompts = ["a cat, 2", "a red sports car on a mountain road at sunset"]  # the second is truncated
-    got = sb.encode_prompts(tok, enc, prompts, batch_size=1)
+    got = models.encode_prompts(tok, enc, prompts, batch_size=1)
     ids = tok(prompts, padding="max_length", max_length=L, truncation=True, return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(got, ref(ids).last_hidden_state)
@@ -591,7 +597,7 @@ def test_encode_prompts_matches_clip_by_hand(sd_root):
     pad = tok.convert_tokens_to_ids("!")
     assert pad != tok.eos_token_id
     by_hand = torch.tensor([[tok.bos_token_id, tok.eos_token_id] + [pad] * (L - 2)])
-    got = sb.encode_prompts(tok, enc, [""])
+    got = models.encode_prompts(tok, enc, [""])
     with torch.no_grad():
         assert got.shape == (1, L, 32) and torch.equal(got, ref(by_hand).last_hidden_state)
         assert not torch.equal(got, ref(torch.tensor([[tok.bos_token_id] + [tok.eos_token_id] * (L - 1)])).last_hidden_state)

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 import miniature
-import sample
 import swiftbrush as sb
-import world
+from files import checkpoint, images
+from miniature import report, teacher, world
 from unet import load_unet
 
 
@@ -183,15 +183,15 @@ def test_write_tokenizer_round_trip(tmp_path):
 def test_save_grid(tmp_path):
     red = world.PALETTE[0].view(1, 3, 1, 1).expand(3, 3, 16, 16)
     rows = [red, torch.zeros(5, 3, 16, 16)]
-    sample.save_grid(rows, tmp_path / "g.png")
+    images.save_grid(rows, tmp_path / "g.png")
     img = Image.open(tmp_path / "g.png")
     assert img.size == (2 + 5 * (64 + 2), 2 + 2 * (64 + 2))  # 16 px upscaled x4, 2 px padding
     assert img.getpixel((2 + 32, 2 + 32)) == (217, 38, 38)  # (0.7 + 1) * 127.5 rounded, (-0.7 + 1) * 127.5
     assert img.getpixel((2 + 3 * 66 + 32, 2 + 32)) == (255, 255, 255)  # short row: empty cells stay white
     assert img.getpixel((2 + 32, 2 + 66 + 32)) == (128, 128, 128)
-    labelled = sample.save_grid(rows, tmp_path / "l.png", labels=["red", "grey"])
+    labelled = images.save_grid(rows, tmp_path / "l.png", labels=["red", "grey"])
     assert labelled.size[0] > img.size[0] and labelled.size[1] == img.size[1]
-    sample.save_grid([torch.zeros(2, 3, 128, 128)], tmp_path / "b.png")
+    images.save_grid([torch.zeros(2, 3, 128, 128)], tmp_path / "b.png")
     assert Image.open(tmp_path / "b.png").size == (2 + 2 * 130, 2 + 130)  # large images are not upscaled
 
 
@@ -199,42 +199,78 @@ def test_save_plot(tmp_path):
     rng = np.random.default_rng(0)
     curves = {"loss": [(i, math.exp(-i / 100) + 0.1 * rng.standard_normal()) for i in range(300)],
               "fd": [(0, 3.0), (100, float("nan")), (200, 1.0)], "one": [(50, 0.5)], "none": []}
-    sample.save_plot(curves, tmp_path / "p.png", "training", size=(500, 300))
+    images.save_plot(curves, tmp_path / "p.png", "training", size=(500, 300))
     img = Image.open(tmp_path / "p.png").convert("RGB")
     assert img.size == (500, 300)
     pixels = set(map(tuple, np.asarray(img).reshape(-1, 3).tolist()))
-    for colour in sample.PLOT_COLORS[:3]:
+    for colour in images.PLOT_COLORS[:3]:
         assert colour in pixels  # each curve with data was drawn
-    ma = sample._moving_average(np.arange(10.0), 3)
+    ma = images._moving_average(np.arange(10.0), 3)
     assert np.allclose(ma[1:-1], np.arange(1.0, 9.0)) and ma[0] == 0.5
 
 
-def test_miniature_quick_end_to_end_and_teacher_cache(tmp_path, capsys):
-    out = str(tmp_path / "mini")
-    sb.main(["--quick", "--out", out])
+def test_ablation_on_the_quick_miniature(tmp_path, capsys):
+    out = str(tmp_path / "ablation")
+    sb.main(["--model", "miniature-quick", "--ablation", "--out", out])
+    printed = capsys.readouterr().out
     for name in ("table.md", "results.json", "grid.png", "curves_student.png", "curves_lora.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
-    results = json.load(open(os.path.join(out, "results.json")))["results"]
-    assert len(results) == 2 + len(miniature.METHODS)
+    results = json.load(open(os.path.join(out, "results.json")))
+    rows = ["the world (truth)", "teacher, DDIM + CFG 2", "teacher, one step (Eq. 7 at init)"]
+    assert list(results) == rows + [name for name, _ in sb.ABLATION]
     for r in results.values():
-        assert 0 <= r["metrics"]["color_acc"][0] <= 1 and math.isfinite(r["metrics"]["fd"][0])
+        assert 0 <= r["color_acc"][0] <= 1 and math.isfinite(r["fd"][0])
+    assert results["the world (truth)"]["color_acc"][0] == 1.0 and results["the world (truth)"]["fd"][0] < 0.5
     table = open(os.path.join(out, "table.md")).read()
-    assert "SDS, x0 student" in table and "the world (truth)" in table and table in capsys.readouterr().out
-    assert Image.open(os.path.join(out, "grid.png")).size[1] >= 64 * (3 + len(miniature.METHODS))
+    assert "| SDS, x0 student | 6 |" in table and table in printed
+    assert Image.open(os.path.join(out, "grid.png")).size[1] >= 64 * 6  # a row per line of the table
+    for name, flags in sb.ABLATION:  # three students through the same loop, each in its own folder
+        run = os.path.join(out, f"{flags['loss']}-{flags['param']}")
+        config = json.load(open(os.path.join(run, "swiftbrush.json")))["config"]
+        assert {k: config[k] for k in flags} == flags and config["steps"] == miniature.QUICK["steps"]
+        assert len(checkpoint.read_log(run)) == miniature.QUICK["steps"]
 
-    teacher = os.path.join(out, "teacher")
-    weights = os.path.join(teacher, "unet", "diffusion_pytorch_model.safetensors")
+    # a second run with another --out reuses the teacher built once for this machine
+    sb.main(["--model", "miniature-quick", "--steps", "2", "--out", str(tmp_path / "again")])
+    printed = capsys.readouterr().out
+    assert "(cached)" in printed and "training the miniature's teacher" not in printed
+
+
+def test_default_command_on_a_cpu_trains_one_student_on_the_miniature(tmp_path, capsys, monkeypatch):
+    """`python swiftbrush.py --loss sds --steps 20 --out X` without a GPU: one SDS student on the miniature, 20 steps,
+    scored beside the teacher. For the test's sake the miniature's teacher and evaluation are the quick ones."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setitem(teacher.TRAINING, "miniature", teacher.TRAINING["miniature-quick"])
+    monkeypatch.setitem(report.EVALUATION, "miniature", report.EVALUATION["miniature-quick"])
+    out = str(tmp_path / "sds")
+    sb.main(["--loss", "sds", "--steps", "20", "--out", out])
+    printed = capsys.readouterr().out
+    assert printed.startswith("model: miniature (no CUDA GPU here")
+    assert len(checkpoint.read_log(out)) == 20
+    config = json.load(open(os.path.join(out, "swiftbrush.json")))["config"]
+    assert config["loss"] == "sds" and config["steps"] == 20 and config["model"] == "miniature"
+    assert {k: config[k] for k in ("lr", "batch_size", "guidance")} == {k: miniature.DEFAULTS[k] for k in
+                                                                        ("lr", "batch_size", "guidance")}
+    assert "| SDS, x0 student | 20 |" in printed and "| teacher, one step (Eq. 7 at init) | 1 |" in printed
+    assert os.path.getsize(os.path.join(out, "grid.png")) > 0
+
+
+def test_teacher_cache_is_reused_and_rebuilt_when_damaged(capsys):
+    folder = teacher.build_teacher("miniature-quick", progress=False)
+    assert folder.startswith(os.environ["SWIFTBRUSH_CACHE"])
+    assert teacher.teacher_folder("miniature") != folder  # another recipe, another folder
+    weights = os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")
     mtime = os.path.getmtime(weights)
-    miniature.build_teacher(teacher, quick=True, progress=False)  # intact: reused, not retrained
-    assert os.path.getmtime(weights) == mtime and "cached" in capsys.readouterr().out
-    assert not miniature.cached_teacher(teacher, miniature._recipe(quick=False))  # another recipe is stale
-    with open(weights, "r+b") as f:  # corrupt one byte: the cache must not be trusted
+    capsys.readouterr()
+    assert teacher.build_teacher("miniature-quick", progress=False) == folder  # intact: reused, not retrained
+    assert os.path.getmtime(weights) == mtime and "(cached)" in capsys.readouterr().out
+    with open(weights, "r+b") as f:  # flip one byte: the cache must not be trusted
         f.seek(os.path.getsize(weights) // 2)
         b = f.read(1)
         f.seek(-1, 1)
         f.write(bytes([b[0] ^ 0xFF]))
-    assert not miniature.cached_teacher(teacher, miniature._recipe(quick=True))
-    miniature.build_teacher(teacher, quick=True, progress=False)
-    assert "cached" not in capsys.readouterr().out
-    assert miniature.cached_teacher(teacher, miniature._recipe(quick=True))
-    load_unet(teacher)
+    assert not teacher.is_intact(folder)
+    teacher.build_teacher("miniature-quick", progress=False)
+    assert "(cached)" not in capsys.readouterr().out
+    assert teacher.is_intact(folder) and not os.path.exists(f"{folder}.tmp-{os.getpid()}")
+    load_unet(folder)

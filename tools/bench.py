@@ -1,10 +1,10 @@
 """Benchmarks against diffusers (used here only as the baseline), on this machine's CPU, fp32.
 
-    python bench.py                     # all benchmarks: unet, then train
-    python bench.py unet                # our UNet vs diffusers' UNet2DConditionModel: forward, forward+backward
-    python bench.py train               # one Algorithm 1 (VSD) training iteration, ours vs diffusers + peft
-    python bench.py unet train --repeats 9 --threads 2 --no-memory
-    python bench.py train --mmap        # frozen weights left as views of the mmapped weights file
+    python -m tools.bench                     # all benchmarks: unet, then train
+    python -m tools.bench unet                # our UNet vs diffusers' UNet2DConditionModel: forward, forward+backward
+    python -m tools.bench train               # one Algorithm 1 (VSD) training iteration, ours vs diffusers + peft
+    python -m tools.bench unet train --repeats 9 --threads 2 --no-memory
+    python -m tools.bench train --mmap        # frozen weights left as views of the mmapped weights file
 
 unet: both UNets get the same config (SD 2.1-base wiring, channels scaled down), weights and inputs; forward
 (no_grad) and forward+backward of a weighted mean of the output.
@@ -162,7 +162,8 @@ def _warm_libraries():
 
 def _in_fresh_process(measure, **kwargs):
     """Run MEASURE[measure](**kwargs) in a fresh Python process (see main's "_mem"); its dict result."""
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "_mem", measure, json.dumps(kwargs)],
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "tools.bench", "_mem", measure, json.dumps(kwargs)], cwd=root,
                          capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"memory child {measure} {kwargs} failed:\n{out.stderr[-3000:]}")
@@ -276,30 +277,19 @@ def _text(seed=1):
 def build_ours(folder, materialise=True):
     """Set up as swiftbrush.train() does (teacher frozen, LoRA injected into it, two Adams), step = train_step."""
     import swiftbrush as sb
-    from lora import inject_lora
     b = TRAIN_BENCH
     emb, uncond = _text()
     teacher = unet.load_unet(folder)
     if materialise:
         _materialise(teacher)
     cfg = sb.Config(model=folder, batch_size=b["batch"], lora_rank=b["lora_rank"], lora_alpha=b["lora_alpha"],
-                    guidance=b["guidance"], lora_guidance=b["guidance"], lr=b["lr"], lora_lr=b["lora_lr"])
+                    guidance=b["guidance"], lora_guidance=b["guidance"], lr=b["lr"], lora_lr=b["lora_lr"], ema_decay=0)
     m = sb.Models(teacher, copy.deepcopy(teacher), sb.Schedule(), [str(i) for i in range(b["prompts"])], emb, uncond,
                   (4, b["latent"], b["latent"]))
-    m.unet.requires_grad_(False)
-    m.student.requires_grad_(True).train()
-    torch.manual_seed(0)
-    phi = inject_lora(m.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","))
-    for p in phi:
-        p.requires_grad_(True)
-    m.unet.train()
-    opt_lora = torch.optim.Adam(phi, lr=cfg.lora_lr, betas=(0.9, 0.999), weight_decay=0.0)
-    opt_student = torch.optim.Adam(m.student.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
-    gen = torch.Generator().manual_seed(0)
-    state = {"step": 0, "cursor": 0, "order": torch.randperm(len(m.prompts), generator=gen)}
+    state = sb.start_training(cfg, m, torch.device("cpu"))  # frozen teacher + LoRA, trainable student, two Adams
 
     def step():
-        sb.train_step(m, cfg, state, opt_student, opt_lora, gen, nullcontext())
+        sb.train_step(m, cfg, state, nullcontext())
         state["step"] += 1
 
     step.student = lambda x, t, c: m.student(x, t, c)

@@ -1,0 +1,173 @@
+"""Checkpoints and exports of a training run: one safetensors file (no pickle), written to a temporary file and
+renamed, so that a crash never leaves a broken checkpoint, and read back so that a resumed run is bit-identical.
+
+`cfg` is swiftbrush.Config, `m` its Models and `state` the loop's dict (step, cursor, order, gen, opt_student,
+opt_lora, ema), as in nanoGPT's train.py: one state passed around, saved whole."""
+import hashlib
+import json
+import os
+import signal
+import threading
+from contextlib import contextmanager
+from dataclasses import asdict
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lora import lora_state_dict
+
+CHECKPOINT = "checkpoint.safetensors"  # in the run's --out folder
+# Flags that may differ between a run and its --resume (everything else must match the checkpoint).
+RESUMABLE = {"steps", "save_every", "sample_every", "device", "out"}
+
+
+class CheckpointError(ValueError):
+    """An unreadable checkpoint, or one trained with other settings; the message says what to do."""
+
+
+def _atomic_save(tensors, path, metadata):
+    tmp = path + ".tmp"
+    save_file(tensors, tmp, metadata=metadata)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # atomic: a crash leaves the previous file whole
+
+
+def _cpu(state_dict):
+    return {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+
+
+def _optimiser_tensors(opt, prefix):
+    sd = opt.state_dict()
+    return {f"{prefix}/{i}/{k}": v.detach().cpu().contiguous() for i, s in sd["state"].items() for k, v in s.items()}
+
+
+def _load_optimiser(opt, tensors, prefix, groups):
+    state = {}
+    for key, v in tensors.items():
+        if key.startswith(prefix + "/"):
+            i, k = key[len(prefix) + 1:].split("/")
+            state.setdefault(int(i), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_checkpoint(cfg, m, state):
+    """Everything an exact resume needs: student, EMA, LoRA, both Adam states, RNG, prompt order, step."""
+    tensors = {f"student/{k}": v for k, v in _cpu(m.student.state_dict()).items()}
+    tensors.update({f"ema/{k}": v.contiguous() for k, v in (state["ema"] or {}).items()})
+    tensors.update({f"lora/{k}": v for k, v in _cpu(lora_state_dict(m.teacher)).items()})
+    groups = {}
+    for name in ("opt_student", "opt_lora"):
+        if state[name] is not None:
+            tensors.update(_optimiser_tensors(state[name], name))
+            groups[name] = state[name].state_dict()["param_groups"]
+    tensors["rng"] = state["gen"].get_state()
+    tensors["order"] = state["order"]
+    meta = {"config": json.dumps(asdict(cfg)), "step": str(state["step"]), "cursor": str(state["cursor"]),
+            "param_groups": json.dumps(groups), "prompts_sha256": _sha(m.prompts)}
+    _atomic_save(tensors, os.path.join(cfg.out, CHECKPOINT), meta)
+
+
+def load_checkpoint(cfg, m, state):
+    """Restore what save_checkpoint wrote in cfg.out, if anything, after checking that cfg is the same but for
+    RESUMABLE flags."""
+    path = os.path.join(cfg.out, CHECKPOINT)
+    if not os.path.exists(path):
+        return
+    try:
+        with safe_open(path, "pt") as f:
+            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    saved = json.loads(meta["config"])
+    diff = [f"--{k.replace('_', '-')} {saved.get(k)} (now {v})" for k, v in asdict(cfg).items()
+            if k not in RESUMABLE and saved.get(k) != v]
+    if diff:
+        raise CheckpointError(f"{path} was trained with other settings: {', '.join(diff)}; resume with the same "
+                              f"flags (only --steps, --save-every, --sample-every may change)")
+    if meta["prompts_sha256"] != _sha(m.prompts):
+        raise CheckpointError(f"{path} was trained on another prompt list; resume with the same --prompts file")
+    with torch.no_grad():
+        for prefix, sd in (("student/", m.student.state_dict()), ("lora/", lora_state_dict(m.teacher)),
+                           ("ema/", state["ema"] or {})):
+            for k, v in sd.items():
+                v.copy_(tensors[prefix + k])
+    groups = json.loads(meta["param_groups"])
+    for name in groups:
+        _load_optimiser(state[name], tensors, name, groups[name])
+    state["gen"].set_state(tensors["rng"])
+    state.update(step=int(meta["step"]), cursor=int(meta["cursor"]), order=tensors["order"])
+
+
+def _sha(prompts):
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# What a run leaves besides its checkpoint
+
+
+def export_unet(state_dict, config, folder):
+    """A standard `unet/` folder (config.json + diffusion_pytorch_model.safetensors): our load_unet and
+    diffusers' UNet2DConditionModel.from_pretrained both read it unchanged."""
+    os.makedirs(folder, exist_ok=True)
+    _atomic_save(_cpu(state_dict), os.path.join(folder, "diffusion_pytorch_model.safetensors"), {"format": "pt"})
+    _atomic_write_json(config, os.path.join(folder, "config.json"))
+
+
+def export_student(cfg, m, state):
+    """unet/ (the student as trained) and unet_ema/ (its EMA) in cfg.out."""
+    export_unet(m.student.state_dict(), m.student.config, os.path.join(cfg.out, "unet"))
+    if state["ema"] is not None:
+        export_unet(state["ema"], m.student.config, os.path.join(cfg.out, "unet_ema"))
+
+
+def write_run_info(cfg, m):
+    """swiftbrush.json: what sample.py needs to turn the exported UNet back into the one-step generator."""
+    info = {"model": cfg.model, "folder": os.path.abspath(m.folder), "param": cfg.param,
+            "latent_shape": list(m.latent_shape), "config": asdict(cfg)}
+    _atomic_write_json(info, os.path.join(cfg.out, "swiftbrush.json"))
+
+
+def _atomic_write_json(obj, path):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def read_log(out):
+    """The rows of out/log.jsonl: one dict per step."""
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_log(path, step):
+    """Drop log lines written after the checkpoint (a crash between saves), so the log matches the weights."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):  # a line cut short by a crash
+                pass
+    with open(path, "w") as f:
+        f.writelines(keep)
+
+
+@contextmanager
+def ctrl_c_finishes_the_step():
+    """Ctrl-C sets the yielded flag instead of raising, so the loop finishes its step and saves a checkpoint.
+    Signals can only be caught in the main thread; elsewhere Ctrl-C is left as it is."""
+    pressed = []
+    if threading.current_thread() is not threading.main_thread():
+        yield pressed
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: pressed.append(1))
+    try:
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, previous)

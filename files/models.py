@@ -1,0 +1,155 @@
+"""The inputs of a run: the teacher named by --model (a local Stable Diffusion folder or a model-hub id), its text
+encoder and scheduler config, and the prompt file.
+
+A hub id is looked up in the local hub cache first (`huggingface_hub`: HF_HOME, HF_HUB_OFFLINE); only when it is
+missing there is the hub asked, and then only the five folders we read are fetched, one weights file each.
+"""
+import json
+import os
+import re
+
+import torch
+
+from unet import WeightsError
+
+PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# One weights file per folder: the first of these that the repository has.
+WEIGHTS = {"unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                    "diffusion_pytorch_model.bin"),
+           "text_encoder": ("model.safetensors", "model.fp16.safetensors")}
+WEIGHTS["vae"] = WEIGHTS["unet"]
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+DEMO_PROMPTS = [
+    "a photo of a cat sitting on a windowsill", "a red sports car on a mountain road at sunset",
+    "a bowl of ramen, studio lighting", "an astronaut riding a horse, digital art",
+    "a lighthouse on a cliff during a storm", "a watercolor painting of a fox in the snow",
+    "a cozy cabin in the woods, autumn", "a portrait of an old fisherman, photograph",
+    "a futuristic city skyline at night, neon lights", "a teddy bear reading a book",
+    "a field of sunflowers under a blue sky", "a plate of sushi on a wooden table",
+]
+
+
+class UsageError(ValueError):
+    """Bad flags, prompts or output folder; the message says what to do."""
+
+
+# --------------------------------------------------------------------------------------------------
+# --model: a local folder or a hub id
+
+
+def resolve_model(name):
+    """A local Stable Diffusion folder (returned as it is) or a hub id (returned as its snapshot in the hub cache)."""
+    if os.path.exists(name) or not HUB_ID.match(name):
+        return name  # the loaders say what is wrong with a folder
+    return hub_snapshot(name)
+
+
+def hub_files(repo_id, names):
+    """The files to fetch from a repository listing `names`: every config, the tokenizer, one weights file per folder."""
+    wanted = [n for n in names if n == "model_index.json" or n.startswith(("tokenizer/", "scheduler/"))
+              or n in [f"{part}/config.json" for part in WEIGHTS]]
+    for part, choices in WEIGHTS.items():
+        found = [f"{part}/{c}" for c in choices if f"{part}/{c}" in names]
+        if not found or f"{part}/config.json" not in names:
+            raise WeightsError(f"{repo_id} on the hub has no {part}/config.json with weights: it is not a Stable "
+                               f"Diffusion model in the diffusers layout ({', '.join(PARTS)})")
+        wanted.append(found[0])
+    return wanted
+
+
+def _complete(folder):
+    return all(os.path.exists(os.path.join(folder, part, "config.json")) for part in WEIGHTS) and all(
+        any(os.path.exists(os.path.join(folder, part, c)) for c in choices) for part, choices in WEIGHTS.items())
+
+
+def hub_snapshot(repo_id):
+    """The cached snapshot of `repo_id` if it is whole; otherwise download what we read, with a progress bar."""
+    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+    try:
+        folder = snapshot_download(repo_id, local_files_only=True)
+        if _complete(folder):
+            return folder
+    except (LocalEntryNotFoundError, OSError):
+        pass
+    cache = constants.HF_HUB_CACHE
+    try:
+        wanted = hub_files(repo_id, HfApi().list_repo_files(repo_id))
+        return snapshot_download(repo_id, allow_patterns=wanted)
+    except GatedRepoError:
+        raise WeightsError(f"{repo_id} is gated on the hub: accept its terms there, then `hf auth login`") from None
+    except RepositoryNotFoundError:
+        raise WeightsError(f"{repo_id}: no such local folder or model on the hub (a private one? `hf auth login`)") from None
+    except WeightsError:
+        raise
+    except Exception as e:  # offline mode, no network, hub down: one line, whatever the library raised
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"the hub cannot be reached ({type(e).__name__})"
+        raise WeightsError(f"{repo_id}: no such local folder, and as a hub id it is not in the hub cache ({cache}) "
+                           f"while {why}: download it with network (`hf download {repo_id}`), or pass a folder") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# The parts we read besides the UNet and VAE: scheduler config, tokenizer and text encoder
+
+
+def scheduler_config(folder):
+    """scheduler/scheduler_config.json as a dict; {} (Stable Diffusion's defaults) when there is none."""
+    path = os.path.join(folder, "scheduler", "scheduler_config.json")
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{path} is not valid JSON ({e}); re-copy it from the model repository") from None
+
+
+def load_text(folder):
+    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers.utils import logging
+    logging.disable_progress_bar()  # a bar per load of a 3-file folder is noise
+    for sub in ("tokenizer", "text_encoder"):
+        if not os.path.isdir(os.path.join(folder, sub)):
+            raise WeightsError(f"{os.path.join(folder, sub)} not found; a Stable Diffusion folder has "
+                               f"{', '.join(PARTS)}")
+    fp16_only = not os.path.exists(os.path.join(folder, "text_encoder", "model.safetensors")) and os.path.exists(
+        os.path.join(folder, "text_encoder", "model.fp16.safetensors"))
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
+        encoder = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder"), use_safetensors=True,
+                                                variant="fp16" if fp16_only else None, dtype=torch.float32)
+    except Exception as e:
+        raise WeightsError(f"cannot load the text encoder/tokenizer from {folder}: {type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    return tokenizer, encoder.eval()
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, encoder, prompts, batch_size=64):
+    """Prompts -> last_hidden_state [N, 77, D], padded as SD pads (the pad token is the tokenizer's own)."""
+    device = next(encoder.parameters()).device
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        ids = tokenizer(prompts[i:i + batch_size], padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        out.append(encoder(ids.to(device)).last_hidden_state.float().cpu())
+    return torch.cat(out)
+
+
+def read_prompts(path):
+    """UTF-8 text, one prompt per line; blank lines and duplicates ignored. None: DEMO_PROMPTS."""
+    if path is None:
+        return list(DEMO_PROMPTS)
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            lines = [line.strip() for line in f]
+    except FileNotFoundError:
+        raise UsageError(f"prompt file {path!r} not found") from None
+    except OSError as e:
+        raise UsageError(f"cannot read prompt file {path!r}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"prompt file {path!r} is not UTF-8 text ({e})") from None
+    prompts = list(dict.fromkeys(p for p in lines if p))
+    if not prompts:
+        raise UsageError(f"prompt file {path!r} has no prompts (one prompt per line)")
+    return prompts

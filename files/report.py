@@ -1,0 +1,62 @@
+"""The report of one or more students (and of reference rows such as the teacher's): a markdown table, one grid
+with a row of images per line, and the loss curves; written to table.md, results.json, grid.png, curves_*.png."""
+import json
+import os
+
+from files.images import save_grid, save_plot
+
+CURVES = {"student": "student surrogate loss 0.5*mean(g^2) per step", "lora": "LoRA teacher loss (Eq. 6) per step"}
+
+
+class Report:
+    def __init__(self, out, columns):
+        self.out = out
+        self.columns = columns  # (key, header, format) of each number shown
+        self.rows = []          # (name, {key: value or (mean, std)})
+        self.images = []        # (name, [N, 3, H, W] in [-1, 1])
+        self.curves = {which: {} for which in CURVES}
+
+    def add(self, name, numbers, images=None, curves=None):
+        """A row of the table; its images as a row of the grid; curves = (label, the run's log rows)."""
+        self.rows.append((name, numbers))
+        if images is not None:
+            self.images.append((name, images))
+        if curves:
+            label, log = curves
+            for which in CURVES:
+                if log and f"loss_{which}" in log[0]:
+                    self.curves[which][label] = [(r["step"], r[f"loss_{which}"]) for r in log]
+
+    def table(self):
+        lines = ["| method | " + " | ".join(header for _, header, _ in self.columns) + " |",
+                 "|---" * (len(self.columns) + 1) + "|"]
+        for name, numbers in self.rows:
+            cells = [_cell(numbers.get(key), fmt) for key, _, fmt in self.columns]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def write(self):
+        """Write the files; returns the markdown table."""
+        os.makedirs(self.out, exist_ok=True)
+        md = self.table()
+        with open(os.path.join(self.out, "table.md"), "w") as f:
+            f.write(md + "\n")
+        with open(os.path.join(self.out, "results.json"), "w") as f:
+            json.dump(dict(self.rows), f, indent=2)
+        if self.images:
+            save_grid([images for _, images in self.images], os.path.join(self.out, "grid.png"),
+                      labels=[name for name, _ in self.images])
+        for which, title in CURVES.items():
+            if self.curves[which]:
+                save_plot(self.curves[which], os.path.join(self.out, f"curves_{which}.png"), title=title)
+        return md
+
+
+def _cell(value, fmt):
+    """'-' for no value; 'mean ± std' for a (mean, std) measured over seeds, the std left out when it is 0."""
+    if value is None:
+        return "-"
+    if isinstance(value, (tuple, list)):
+        mean, std = value
+        return fmt.format(mean) + (f" ± {fmt.format(std)}" if std else "")
+    return fmt.format(value)

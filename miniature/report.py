@@ -1,0 +1,67 @@
+"""The miniature's report: every student scored against the world's truth, beside the world itself and the teacher
+(DDIM + CFG, and one step: Eq. 7 at initialisation), on fixed prompts and noises the same for every row."""
+import torch
+
+from files.checkpoint import read_log
+from files.models import encode_prompts, load_text, scheduler_config
+from files.report import Report
+from miniature import DEFAULTS, world
+from miniature.teacher import build_teacher
+from sample import ddim_sample
+from swiftbrush import Schedule, f_theta
+from unet import load_unet
+
+EVALUATION = {"miniature": {"seeds": (0, 1, 2), "per_prompt": 16, "ddim_steps": 25},   # 3 x 12 prompts x 16
+              "miniature-quick": {"seeds": (0,), "per_prompt": 4, "ddim_steps": 5}}
+COLUMNS = [("steps", "steps", "{}"), ("color_acc", "colour acc", "{:.2f}"), ("shape_acc", "shape acc", "{:.2f}"),
+           ("pos_spread", "position spread px", "{:.2f}"), ("size_spread", "size spread px", "{:.2f}"),
+           ("saturation", "mean abs pixel", "{:.3f}"), ("clipped", "clipped", "{:.3f}"),
+           ("bg_noise", "background noise", "{:.3f}"), ("fd", "Frechet dist.", "{:.1f}"),
+           ("sec_per_step", "s/iter", "{:.2f}")]
+
+
+class MiniatureReport(Report):
+    def __init__(self, out, model):
+        super().__init__(out, COLUMNS)
+        e = EVALUATION[model]
+        self.captions = [p for p in world.PROMPTS for _ in range(e["per_prompt"])]
+        shape = (len(self.captions), 3, world.RES, world.RES)
+        self.noises = [torch.randn(shape, generator=torch.Generator().manual_seed(1000 + s)) for s in e["seeds"]]
+        self.grid_index = torch.arange(0, len(self.captions), e["per_prompt"])  # one sample per prompt, seed 0
+        folder = build_teacher(model)
+        tokenizer, encoder = load_text(folder)
+        self.context = encode_prompts(tokenizer, encoder, self.captions)
+        self.uncond = encode_prompts(tokenizer, encoder, [""])
+        self.schedule = Schedule(scheduler_config(folder))
+
+        truth, _, _ = world.sample_world(len(self.captions), seed=99, prompts=self.captions)
+        self.add_row("the world (truth)", None, [truth])
+        teacher, guidance = load_unet(folder), DEFAULTS["guidance"]
+        with torch.no_grad():
+            ddim = [ddim_sample(teacher, self.schedule, self.context, self.uncond, z, e["ddim_steps"], guidance)
+                    for z in self.noises]
+            one_step = [f_theta(teacher, z, self.context, self.schedule) for z in self.noises]
+        self.add_row(f"teacher, DDIM + CFG {guidance:g}", e["ddim_steps"], ddim)
+        self.add_row("teacher, one step (Eq. 7 at init)", 1, one_step)
+
+    def add_row(self, name, steps, images_per_seed):
+        numbers, images = self.scored(images_per_seed)
+        self.add(name, {**numbers, "steps": steps}, images)
+
+    def scored(self, images_per_seed):
+        """Mean and std over the evaluation seeds of each metric, and the grid's row (one image per prompt)."""
+        images_per_seed = [x.clamp(-1, 1) for x in images_per_seed]
+        rows = [world.evaluate(x, self.captions) for x in images_per_seed]
+        numbers = {}
+        for key in rows[0]:
+            values = torch.tensor([r[key] for r in rows], dtype=torch.float64)
+            numbers[key] = (float(values.mean()), float(values.std()) if len(rows) > 1 else 0.0)
+        return numbers, images_per_seed[0][self.grid_index]
+
+    @torch.no_grad()
+    def score_student(self, cfg, m):
+        """A trained student's numbers (against the truth) and its row of the grid: the raw student, no EMA."""
+        student = m.student.cpu().eval()
+        numbers, images = self.scored([f_theta(student, z, self.context, self.schedule, cfg.param) for z in self.noises])
+        log = read_log(cfg.out)
+        return {**numbers, "steps": cfg.steps, "sec_per_step": sum(r["sec_per_step"] for r in log) / len(log)}, images

@@ -1,0 +1,1 @@
+"""Benchmarks against diffusers (+ peft) as the baseline: python -m tools.bench."""
