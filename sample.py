@@ -14,9 +14,9 @@ import torch
 
 from files.images import save_grid
 from files.models import UsageError, encode_prompts, load_text, resolve_model, scheduler_config
-from swiftbrush import Schedule, autocast_for, decode_latents, eps_cfg, f_theta
+from swiftbrush import Schedule, autocast_for, eps_cfg, f_theta
 from unet import WeightsError, load_unet
-from vae import load_vae
+from vae import load_vae, to_images
 
 
 def ddim_timesteps(schedule, steps):
@@ -112,10 +112,10 @@ def generate(a):
         with torch.no_grad(), autocast:
             if student is not None:
                 x0 = f_theta(student, z, ctx, schedule, info["param"])
-                out.append((decode_latents(vae, x0), f"{prompt} (1 step)"))
+                out.append((to_images(vae, x0), f"{prompt} (1 step)"))
             if teacher is not None:
                 x0 = ddim_sample(teacher, schedule, ctx, uncond.to(device), z, a.teacher_steps, a.guidance)
-                out.append((decode_latents(vae, x0), f"{prompt} (teacher, {a.teacher_steps} steps)"))
+                out.append((to_images(vae, x0), f"{prompt} (teacher, {a.teacher_steps} steps)"))
     return out
 
 

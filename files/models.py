@@ -37,6 +37,18 @@ class UsageError(ValueError):
 # --model: a local folder or a hub id
 
 
+def pick_model(given, paper_teacher):
+    """--model as given; by default the paper's teacher on a CUDA GPU, the miniature elsewhere. Says which and why."""
+    if given:
+        print(f"model: {given}")
+        return given
+    if torch.cuda.is_available():
+        print(f"model: {paper_teacher} (the paper's teacher; a CUDA GPU is here)")
+        return paper_teacher
+    print(f"model: miniature (no CUDA GPU here; with one the default is {paper_teacher})")
+    return "miniature"
+
+
 def resolve_model(name):
     """A local Stable Diffusion folder (returned as it is) or a hub id (returned as its snapshot in the hub cache)."""
     if os.path.exists(name) or not HUB_ID.match(name):
@@ -122,6 +134,27 @@ def load_text(folder):
         raise WeightsError(f"cannot load the text encoder/tokenizer from {folder}: {type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''}") from None
     return tokenizer, encoder.eval()
+
+
+def encode_text(folder, prompts, device):
+    """Text states of the prompts and of "" (CFG's unconditional branch), on the CPU; the encoder is then freed."""
+    tokenizer, encoder = load_text(folder)
+    embeddings = encode_prompts(tokenizer, encoder.to(device), prompts)
+    uncond = encode_prompts(tokenizer, encoder, [""])
+    del tokenizer, encoder
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return embeddings, uncond
+
+
+def latent_shape(unet, vae, resolution=None):
+    """(C, H, W) of x_0 at `resolution` pixels (default: the UNet's sample_size), checked against the downsampling."""
+    factor = 2 ** (len(vae.config["block_out_channels"]) - 1) if vae is not None else 1  # pixels per latent
+    res = resolution or unet.config.get("sample_size", 64) * factor
+    multiple = factor * 2 ** (len(unet.config["block_out_channels"]) - 1)  # VAE and UNet downsampling
+    if res % multiple:
+        raise UsageError(f"--resolution {res} must be a multiple of {multiple}")
+    return unet.config.get("in_channels", 4), res // factor, res // factor
 
 
 @torch.no_grad()

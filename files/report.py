@@ -3,8 +3,11 @@ with a row of images per line, and the loss curves; written to table.md, results
 import json
 import os
 
+from files.checkpoint import read_log
 from files.images import save_grid, save_plot
 
+LOSS_COLUMNS = [("steps", "steps", "{}"), ("loss_student", "student loss (last 10%)", "{:.3g}"),
+                ("loss_lora", "LoRA loss (last 10%)", "{:.3g}"), ("sec_per_step", "s/iter", "{:.2f}")]
 CURVES = {"student": "student surrogate loss 0.5*mean(g^2) per step", "lora": "LoRA teacher loss (Eq. 6) per step"}
 
 
@@ -60,3 +63,14 @@ def _cell(value, fmt):
         mean, std = value
         return fmt.format(mean) + (f" ± {fmt.format(std)}" if std else "")
     return fmt.format(value)
+
+
+def loss_numbers(cfg):
+    """Where there is no truth to score against (Stable Diffusion): a run's last tenth's mean losses, and its speed."""
+    log = read_log(cfg.out)
+    tail = log[-max(1, len(log) // 10):]
+    numbers = {"steps": cfg.steps}
+    for key in ("loss_student", "loss_lora", "sec_per_step"):
+        if key in tail[0]:
+            numbers[key] = sum(r[key] for r in tail) / len(tail)
+    return numbers

@@ -28,8 +28,11 @@ DEFAULTS = {
 QUICK = {**DEFAULTS, "steps": 6, "batch_size": 4, "save_every": 0, "sample_every": 0, "out": "runs/miniature-quick"}
 
 
-def miniature_defaults(model):
+def miniature_defaults(model, flags):
     """The defaults of --model miniature or miniature-quick: DEFAULTS or QUICK, and the world's captions as prompts."""
+    from files.models import UsageError
     from miniature.teacher import teacher_folder
+    if "prompts" in flags:
+        raise UsageError("the miniature's prompts are its world's 12 captions: drop --prompts, or pass --model")
     return {**(QUICK if model == "miniature-quick" else DEFAULTS),
             "prompts": os.path.join(teacher_folder(model), "prompts.txt")}

@@ -92,6 +92,8 @@ def build_teacher(model, progress=True):
 def _train_teacher(folder, training, progress):
     from tqdm import tqdm
     from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers.utils import logging
+    logging.disable_progress_bar()
     ids = world.write_tokenizer(os.path.join(folder, "tokenizer"), max_length=MAX_LENGTH)
     torch.manual_seed(training["seed"])
     text = CLIPTextModel(CLIPTextConfig(**ids, **TEXT_CONFIG))

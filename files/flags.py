@@ -1,0 +1,51 @@
+"""The flags of swiftbrush.py, each checked as it is read: a bad value is one argparse line naming the flag.
+
+Only the flags given appear in the parsed result (argument_default=SUPPRESS), so that the model's own defaults (the
+authors' for Stable Diffusion, the miniature's for the miniature) can fill in the rest."""
+import argparse
+import math
+
+
+def _checked(kind, ok, what):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {what}")
+        return value
+    return parse
+
+
+AT_LEAST_1 = _checked(int, lambda v: v >= 1, ">= 1")
+NEVER_OR_EVERY = _checked(int, lambda v: v >= 0, ">= 0 (0: never)")
+POSITIVE = _checked(float, lambda v: 0 < v < math.inf, "positive")
+FINITE = _checked(float, math.isfinite, "finite")
+NUMBERS = {"steps": AT_LEAST_1, "batch_size": AT_LEAST_1, "grad_accum": AT_LEAST_1, "lora_rank": AT_LEAST_1,
+           "resolution": AT_LEAST_1, "seed": int, "lr": POSITIVE, "lora_lr": POSITIVE, "lora_alpha": POSITIVE,
+           "guidance": FINITE, "lora_guidance": FINITE,
+           "ema_decay": _checked(float, lambda v: 0 <= v < 1, "in [0, 1)"),
+           "save_every": NEVER_OR_EVERY, "sample_every": NEVER_OR_EVERY}
+
+
+def parse_args(argv, description, defaults):
+    """`defaults`: swiftbrush.Config(), shown in the help."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                argument_default=argparse.SUPPRESS)
+    p.add_argument("--model", help=f"a local Stable Diffusion folder, a hub id, miniature or miniature-quick "
+                                   f"(default: {defaults.model} on a CUDA GPU, else miniature)")
+    p.add_argument("--prompts", help="text file, one prompt per line (default: a small built-in list)")
+    p.add_argument("--out", help=f"output folder (default {defaults.out}; the miniature: runs/miniature)")
+    p.add_argument("--loss", choices=["vsd", "sds"], help="VSD (Eq. 5, default) or SDS (Eq. 2)")
+    p.add_argument("--param", choices=["x0", "eps"], help="student output: Eq. 7's x0 (default) or the raw eps")
+    p.add_argument("--weighting", choices=["sigma2", "dmd"], help="w(t): sigma_t^2 (default) or DMD's")
+    for name, kind in NUMBERS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=kind, help=f"default {getattr(defaults, name)}")
+    p.add_argument("--lora-targets", help=f"comma-separated Linear names to adapt (default {defaults.lora_targets})")
+    p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--resume", action="store_true", default=False,
+                   help="continue the checkpoint in --out if there is one, else start at step 0")
+    p.add_argument("--ablation", action="store_true", default=False,
+                   help="train the paper's three students (VSD + x0, SDS + x0, VSD + eps) and compare them")
+    return p.parse_args(argv)
