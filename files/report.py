@@ -6,7 +6,7 @@ import os
 from files.checkpoint import read_log
 from files.images import save_grid, save_plot
 
-LOSS_COLUMNS = [("steps", "steps", "{}"), ("loss_student", "student loss (last 10%)", "{:.3g}"),
+LOSS_COLUMNS = [("steps", "training steps", "{}"), ("loss_student", "student loss (last 10%)", "{:.3g}"),
                 ("loss_lora", "LoRA loss (last 10%)", "{:.3g}"), ("sec_per_step", "s/iter", "{:.2f}")]
 CURVES = {"student": "student surrogate loss 0.5*mean(g^2) per step", "lora": "LoRA teacher loss (Eq. 6) per step"}
 

@@ -13,7 +13,7 @@ from unet import load_unet
 
 EVALUATION = {"miniature": {"seeds": (0, 1, 2), "per_prompt": 16, "ddim_steps": 25},   # 3 x 12 prompts x 16
               "miniature-quick": {"seeds": (0,), "per_prompt": 4, "ddim_steps": 5}}
-COLUMNS = [("steps", "steps", "{}"), ("color_acc", "colour acc", "{:.2f}"), ("shape_acc", "shape acc", "{:.2f}"),
+COLUMNS = [("sampling_steps", "sampling steps", "{}"), ("steps", "training steps", "{}"), ("color_acc", "colour acc", "{:.2f}"), ("shape_acc", "shape acc", "{:.2f}"),
            ("pos_spread", "position spread px", "{:.2f}"), ("size_spread", "size spread px", "{:.2f}"),
            ("saturation", "mean abs pixel", "{:.3f}"), ("clipped", "clipped", "{:.3f}"),
            ("bg_noise", "background noise", "{:.3f}"), ("fd", "Frechet dist.", "{:.1f}"),
@@ -44,9 +44,9 @@ class MiniatureReport(Report):
         self.add_row(f"teacher, DDIM + CFG {guidance:g}", e["ddim_steps"], ddim)
         self.add_row("teacher, one step (Eq. 7 at init)", 1, one_step)
 
-    def add_row(self, name, steps, images_per_seed):
+    def add_row(self, name, sampling_steps, images_per_seed):
         numbers, images = self.scored(images_per_seed)
-        self.add(name, {**numbers, "steps": steps}, images)
+        self.add(name, {**numbers, "sampling_steps": sampling_steps}, images)
 
     def scored(self, images_per_seed):
         """Mean and std over the evaluation seeds of each metric, and the grid's row (one image per prompt)."""
@@ -64,4 +64,4 @@ class MiniatureReport(Report):
         student = m.student.cpu().eval()
         numbers, images = self.scored([f_theta(student, z, self.context, self.schedule, cfg.param) for z in self.noises])
         log = read_log(cfg.out)
-        return {**numbers, "steps": cfg.steps, "sec_per_step": sum(r["sec_per_step"] for r in log) / len(log)}, images
+        return {**numbers, "sampling_steps": 1, "steps": cfg.steps, "sec_per_step": sum(r["sec_per_step"] for r in log) / len(log)}, images

@@ -222,7 +222,7 @@ def test_ablation_on_the_quick_miniature(tmp_path, capsys):
         assert 0 <= r["color_acc"][0] <= 1 and math.isfinite(r["fd"][0])
     assert results["the world (truth)"]["color_acc"][0] == 1.0 and results["the world (truth)"]["fd"][0] < 0.5
     table = open(os.path.join(out, "table.md")).read()
-    assert "| SDS, x0 student | 6 |" in table and table in printed
+    assert "| SDS, x0 student | 1 | 6 |" in table and table in printed
     assert Image.open(os.path.join(out, "grid.png")).size[1] >= 64 * 6  # a row per line of the table
     for name, flags in sb.ABLATION:  # three students through the same loop, each in its own folder
         run = os.path.join(out, f"{flags['loss']}-{flags['param']}")
@@ -251,7 +251,7 @@ def test_default_command_on_a_cpu_trains_one_student_on_the_miniature(tmp_path, 
     assert config["loss"] == "sds" and config["steps"] == 20 and config["model"] == "miniature"
     assert {k: config[k] for k in ("lr", "batch_size", "guidance")} == {k: miniature.DEFAULTS[k] for k in
                                                                         ("lr", "batch_size", "guidance")}
-    assert "| SDS, x0 student | 20 |" in printed and "| teacher, one step (Eq. 7 at init) | 1 |" in printed
+    assert "| SDS, x0 student | 1 | 20 |" in printed and "| teacher, one step (Eq. 7 at init) | 1 | - |" in printed
     assert os.path.getsize(os.path.join(out, "grid.png")) > 0
 
 
