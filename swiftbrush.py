@@ -65,6 +65,7 @@ class Config:
     seed: int = 0
     save_every: int = 1000
     sample_every: int = 500
+    diagnose_every: int = 500      # log the LoRA teacher's and the teacher's eps-MSE on the student's samples
     device: str = None             # default: cuda if available
 
 
@@ -99,6 +100,13 @@ class Schedule:
         t = t.cpu()
         return self.alpha[t].to(x.device).view(-1, 1, 1, 1), self.sigma[t].to(x.device).view(-1, 1, 1, 1)
 
+    def target(self, x0, eps, t):
+        """What the UNet learns to output: eps, or v = alpha_t eps - sigma_t x_0 (Salimans & Ho 2022)."""
+        if self.prediction_type == "epsilon":
+            return eps
+        alpha_t, sigma_t = self.at(t, x0)
+        return alpha_t * eps - sigma_t * x0
+
     def eps(self, unet_out, x_t, t):
         """The UNet's output as eps: itself for eps-prediction; eps = alpha_t v + sigma_t x_t for v-prediction."""
         if self.prediction_type == "epsilon":
@@ -124,11 +132,11 @@ class Models:
 def f_theta(student, z, context, schedule, param="x0"):
     """The one-step generator. Eq. 7 (x0): f = (z - sigma_T eps_theta(z, T, y)) / alpha_T, with x_T = z."""
     T = torch.full((z.shape[0],), schedule.T - 1, device=z.device, dtype=torch.long)
-    out = student(z, T, context)
-    if param == "eps":  # the ablation: the raw network output is the image
-        return out
+    eps_theta = schedule.eps(student(z, T, context), z, T)
+    if param == "eps":  # the ablation: the student's eps is the image (for an eps model, its raw output)
+        return eps_theta
     alpha_T, sigma_T = schedule.at(T, z)
-    return (z - sigma_T * schedule.eps(out, z, T)) / alpha_T
+    return (z - sigma_T * eps_theta) / alpha_T
 
 
 def eps_cfg(unet, x_t, t, context, uncond, scale, schedule):
@@ -170,10 +178,11 @@ def surrogate_loss(x0, g):
 
 
 def diffusion_loss(unet, x0, context, uncond, schedule, gen, p_uncond=0.1, abar_weighted=True):
-    """Eq. 6 (and plain DDPM training): ||eps_phi(alpha_t sg(x0) + sigma_t eps, t, y) - eps||^2.
+    """Eq. 6: ||eps_phi(alpha_t sg(x0) + sigma_t eps, t, y) - eps||^2, weighted by abar_t = alpha_t^2 as the
+    authors do; abar_weighted=False: plain DDPM training, the MSE in the model's own output (eps, or v).
 
-    Weighted by abar_t = alpha_t^2 as the authors do; the prompt is dropped to "" with probability
-    p_uncond so the unconditional branch used by CFG keeps learning the student's distribution too."""
+    The prompt is dropped to "" with probability p_uncond so the unconditional branch used by CFG keeps
+    learning the student's distribution too."""
     B = x0.shape[0]
     t = torch.randint(0, schedule.T, (B,), generator=gen).to(x0.device)
     eps = torch.randn(x0.shape, generator=gen).to(x0.device)
@@ -181,9 +190,10 @@ def diffusion_loss(unet, x0, context, uncond, schedule, gen, p_uncond=0.1, abar_
     context = torch.where(drop, uncond.to(x0.device).expand_as(context), context)
     alpha_t, sigma_t = schedule.at(t, x0)
     x_t = alpha_t * x0.detach() + sigma_t * eps
-    pred = schedule.eps(unet(x_t, t, context), x_t, t).float()
-    w = alpha_t if abar_weighted else 1.0
-    return F.mse_loss(w * pred, w * eps)
+    out = unet(x_t, t, context).float()
+    if abar_weighted:
+        return F.mse_loss(alpha_t * schedule.eps(out, x_t, t), alpha_t * eps)
+    return F.mse_loss(out, schedule.target(x0.detach(), eps, t))
 
 
 def train_step(m, cfg, state, autocast):
@@ -243,15 +253,10 @@ def next_prompts(state, n):
 # Setup: the models, the optimisers, the EMA
 
 
-def teacher_folder(model):
-    """--model as a Stable Diffusion folder: itself, a hub snapshot, or the miniature's teacher (built once)."""
-    mini = miniature_package(model)
-    return mini.teacher.build_teacher(model) if mini else resolve_model(model)
-
-
 def load_models(cfg, device):
-    """Read the teacher, encode the prompts once, copy the student from the teacher."""
-    folder = teacher_folder(cfg.model)
+    """Read the teacher (a folder, a hub snapshot, the miniature's), encode the prompts once, copy the student."""
+    mini = miniature_package(cfg.model)
+    folder = mini.teacher.build_teacher(cfg.model) if mini else resolve_model(cfg.model)
     teacher = load_unet(folder)
     vae = load_vae(os.path.join(folder, "vae")) if os.path.isdir(os.path.join(folder, "vae")) else None
     prompts = read_prompts(cfg.prompts)
@@ -311,6 +316,26 @@ def student_samples(m, cfg, n_prompts=4, n_seeds=2):
     return rows
 
 
+@torch.no_grad()
+def score_errors(m, cfg, ts=(100, 300, 500, 700, 900)):
+    """Diagnostic: eps-MSE of eps_phi (LoRA on) and eps_psi (off) on fixed student samples, at a few t, without CFG.
+    VSD needs eps_phi at or below eps_psi: the LoRA teacher must model the student's distribution."""
+    gen, device = torch.Generator().manual_seed(0), next(m.student.parameters()).device
+    context = m.embeddings[:cfg.batch_size].to(device)
+    z, eps = torch.randn((2, len(context), *m.latent_shape), generator=gen).to(device)
+    x0 = f_theta(m.student, z, context, m.schedule, cfg.param).float()
+    errors = {}
+    for step in ts:
+        t = torch.full((len(x0),), step, device=device)
+        alpha_t, sigma_t = m.schedule.at(t, x0)
+        x_t = alpha_t * x0 + sigma_t * eps
+        mse = lambda: F.mse_loss(m.schedule.eps(m.teacher(x_t, t, context), x_t, t).float(), eps).item()
+        with lora_disabled(m.teacher):
+            errors[f"mse_psi_t{step}"] = mse()
+        errors[f"mse_phi_t{step}"] = mse()
+    return errors
+
+
 # ==================================================================================================
 # The loop
 
@@ -340,6 +365,9 @@ def train(cfg, models=None, progress=True):
             if state["ema"] is not None and state["step"] % EMA_EVERY == 0:
                 update_ema(state["ema"], m.student, cfg.ema_decay ** EMA_EVERY)
             logs = {"step": state["step"], **logs, "sec_per_step": round(time.time() - t0, 4)}
+            if cfg.diagnose_every and state["step"] % cfg.diagnose_every == 0:
+                with autocast:
+                    logs.update(score_errors(m, cfg))
             log.write(json.dumps(logs) + "\n")
             bar.update(1)
             bar.set_postfix({k[5:]: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss_")})
@@ -384,10 +412,6 @@ def runs_from_args(args):
     if not args.ablation:
         name = f"{base.loss.upper()}, {base.param} student"
         return base, [("SwiftBrush: " + name if (base.loss, base.param) == ("vsd", "x0") else name, base)]
-    if args.resume:
-        raise UsageError("--ablation trains three fresh students and cannot --resume: resume each of its folders alone")
-    if "loss" in given or "param" in given:
-        raise UsageError("--ablation sets --loss and --param itself: drop them")
     runs = [(name, replace(base, **o, out=os.path.join(base.out, f"{o['loss']}-{o['param']}"))) for name, o in ABLATION]
     return base, runs
 

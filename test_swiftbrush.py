@@ -241,7 +241,9 @@ def test_f_theta_at_step0_is_teachers_x0_prediction(sd_root, sd_root_v, pred):
         want = (z - s * out) / a if pred == "epsilon" else a * z - s * out  # v: x0 = alpha z - sigma v
         got = sb.f_theta(m.student, z, ctx, m.schedule)
         assert rel_err(want, got) < 1e-5
-        assert torch.equal(sb.f_theta(m.student, z, ctx, m.schedule, param="eps"), out)
+        # the eps ablation: the student's eps as the image (for a v model, eps = alpha v + sigma z)
+        eps = out if pred == "epsilon" else a * out + s * z
+        assert rel_err(eps, sb.f_theta(m.student, z, ctx, m.schedule, param="eps")) < 1e-6
 
 
 @pytest.fixture
@@ -353,6 +355,31 @@ def test_sds_mode_has_no_lora(sd_root, tmp_path):
     assert len(log) == 3 and not any("loss_lora" in h or "grad_norm_lora" in h for h in log)
     _, _, log = run(sd_root, tmp_path / "sds", 4, loss="sds")  # and an SDS checkpoint resumes
     assert len(log) == 1 and read_ckpt(tmp_path / "sds" / "checkpoint.safetensors")[1]["step"] == "4"
+
+
+@pytest.mark.parametrize("loss", ["vsd", "sds"])
+def test_score_errors_are_logged_and_tell_the_two_scores_apart(sd_root, tmp_path, loss):
+    _, _, log = run(sd_root, tmp_path / loss, 2, loss=loss, diagnose_every=1)
+    keys = [f"mse_{net}_t{t}" for t in (100, 300, 500, 700, 900) for net in ("psi", "phi")]
+    assert all(k in row and np.isfinite(row[k]) and row[k] > 0 for row in log for k in keys)
+    same = all(log[-1][f"mse_psi_t{t}"] == log[-1][f"mse_phi_t{t}"] for t in (100, 300, 500, 700, 900))
+    assert same == (loss == "sds")  # SDS has no LoRA; VSD's LoRA has moved after a step
+
+
+def test_teacher_training_is_mse_in_the_models_own_output(sd_root_v):
+    """abar_weighted=False (plain DDPM training): a v model learns v = alpha_t eps - sigma_t x0, not eps."""
+    m = sb.load_models(sb.Config(model=sd_root_v), CPU)
+    x0, ctx = _x0_ctx(m)
+    loss = sb.diffusion_loss(m.teacher, x0, ctx, m.uncond, m.schedule, torch.Generator().manual_seed(3),
+                             p_uncond=0.0, abar_weighted=False)
+    gen = torch.Generator().manual_seed(3)
+    t = torch.randint(0, 1000, (2,), generator=gen)
+    eps = torch.randn(x0.shape, generator=gen)
+    abar = torch.tensor([_abar_by_hand(sd_root_v, int(i)) for i in t]).view(-1, 1, 1, 1)
+    a, s = abar.sqrt(), (1 - abar).sqrt()
+    with torch.no_grad():
+        v = m.teacher(a * x0 + s * eps, t, ctx)
+    assert abs(loss.item() - ((v - (a * eps - s * x0)) ** 2).mean().item()) < 1e-5 * loss.item()
 
 
 @pytest.fixture(scope="module")

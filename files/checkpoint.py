@@ -21,7 +21,7 @@ from lora import lora_state_dict
 
 CHECKPOINT = "checkpoint.safetensors"  # in the run's --out folder
 # Flags that may differ between a run and its --resume (everything else must match the checkpoint).
-RESUMABLE = {"steps", "save_every", "sample_every", "device", "out"}
+RESUMABLE = {"steps", "save_every", "sample_every", "diagnose_every", "device", "out"}
 
 
 class CheckpointError(ValueError):

@@ -26,7 +26,7 @@ NUMBERS = {"steps": AT_LEAST_1, "batch_size": AT_LEAST_1, "grad_accum": AT_LEAST
            "resolution": AT_LEAST_1, "seed": int, "lr": POSITIVE, "lora_lr": POSITIVE, "lora_alpha": POSITIVE,
            "guidance": FINITE, "lora_guidance": FINITE,
            "ema_decay": _checked(float, lambda v: 0 <= v < 1, "in [0, 1)"),
-           "save_every": NEVER_OR_EVERY, "sample_every": NEVER_OR_EVERY}
+           "save_every": NEVER_OR_EVERY, "sample_every": NEVER_OR_EVERY, "diagnose_every": NEVER_OR_EVERY}
 
 
 def parse_args(argv, description, defaults):
@@ -48,4 +48,9 @@ def parse_args(argv, description, defaults):
                    help="continue the checkpoint in --out if there is one, else start at step 0")
     p.add_argument("--ablation", action="store_true", default=False,
                    help="train the paper's three students (VSD + x0, SDS + x0, VSD + eps) and compare them")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.ablation and args.resume:
+        p.error("--ablation trains three fresh students and cannot --resume: resume each of its folders alone")
+    if args.ablation and ("loss" in args or "param" in args):
+        p.error("--ablation sets --loss and --param itself: drop them")
+    return args

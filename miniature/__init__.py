@@ -21,11 +21,12 @@ DEFAULTS = {
     "guidance": 2.0,                     # at CFG 4.5 this small teacher's own samples lose colour and diversity
     "lora_guidance": 1.0,
     "ema_decay": 0.0,                    # the report scores the raw student (see the README)
-    "save_every": 200, "sample_every": 200,
+    "save_every": 200, "sample_every": 200, "diagnose_every": 100,
     "device": "cpu",                     # 16x16 pixels and 0.8 M parameters: a GPU would not be faster
     "out": "runs/miniature",
 }
-QUICK = {**DEFAULTS, "steps": 6, "batch_size": 4, "save_every": 0, "sample_every": 0, "out": "runs/miniature-quick"}
+QUICK = {**DEFAULTS, "steps": 6, "batch_size": 4, "save_every": 0, "sample_every": 0, "diagnose_every": 3,
+         "out": "runs/miniature-quick"}
 
 
 def miniature_defaults(model, flags):

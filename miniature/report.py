@@ -17,7 +17,7 @@ COLUMNS = [("sampling_steps", "sampling steps", "{}"), ("steps", "training steps
            ("pos_spread", "position spread px", "{:.2f}"), ("size_spread", "size spread px", "{:.2f}"),
            ("saturation", "mean abs pixel", "{:.3f}"), ("clipped", "clipped", "{:.3f}"),
            ("bg_noise", "background noise", "{:.3f}"), ("fd", "Frechet dist.", "{:.1f}"),
-           ("sec_per_step", "s/iter", "{:.2f}")]
+           ("start_error", "start error", "{:.3f}"), ("sec_per_step", "s/iter", "{:.2f}")]
 
 
 class MiniatureReport(Report):
@@ -34,18 +34,30 @@ class MiniatureReport(Report):
         self.uncond = encode_prompts(tokenizer, encoder, [""])
         self.schedule = Schedule(scheduler_config(folder))
 
-        truth, _, _ = world.sample_world(len(self.captions), seed=99, prompts=self.captions)
+        n = len(self.captions)
+        truth, _, _ = world.sample_world(n, seed=99, prompts=self.captions)
+        centred, _, _ = world.sample_world(n, seed=99, prompts=self.captions, centred=True)
+        noise = 0.4 * torch.randn(truth.shape, generator=torch.Generator().manual_seed(98))
         self.add_row("the world (truth)", None, [truth])
+        self.add_row("the world + noise 0.4 (reference)", None, [truth + noise])
+        self.add_row("the world, objects centred, + noise 0.4 (reference)", None, [centred + noise])
+        alpha_T, sigma_T = self.schedule.alpha[-1].item(), self.schedule.sigma[-1].item()
+        self.bayes = [world.bayes_optimal_start(z, self.captions, alpha_T, sigma_T) for z in self.noises]
+        self.add_row("Bayes-optimal one step, E[x0 given z] (reference)", 1, self.bayes, start=True)
         teacher, guidance = load_unet(folder), DEFAULTS["guidance"]
         with torch.no_grad():
             ddim = [ddim_sample(teacher, self.schedule, self.context, self.uncond, z, e["ddim_steps"], guidance)
                     for z in self.noises]
             one_step = [f_theta(teacher, z, self.context, self.schedule) for z in self.noises]
         self.add_row(f"teacher, DDIM + CFG {guidance:g}", e["ddim_steps"], ddim)
-        self.add_row("teacher, one step (Eq. 7 at init)", 1, one_step)
+        self.add_row("teacher, one step (Eq. 7 at init)", 1, one_step, start=True)
 
-    def add_row(self, name, sampling_steps, images_per_seed):
+    def add_row(self, name, sampling_steps, images_per_seed, start=False):
+        """A reference row; start: also its rms distance to the Bayes-optimal one-step output (the 'start error')."""
         numbers, images = self.scored(images_per_seed)
+        if start:
+            errors = torch.tensor([(x - b).square().mean().sqrt().item() for x, b in zip(images_per_seed, self.bayes)])
+            numbers["start_error"] = (errors.mean().item(), errors.std().item() if len(errors) > 1 else 0.0)
         self.add(name, {**numbers, "sampling_steps": sampling_steps}, images)
 
     def scored(self, images_per_seed):

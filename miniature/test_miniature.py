@@ -216,14 +216,19 @@ def test_ablation_on_the_quick_miniature(tmp_path, capsys):
     for name in ("table.md", "results.json", "grid.png", "curves_student.png", "curves_lora.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     results = json.load(open(os.path.join(out, "results.json")))
-    rows = ["the world (truth)", "teacher, DDIM + CFG 2", "teacher, one step (Eq. 7 at init)"]
+    rows = ["the world (truth)", "the world + noise 0.4 (reference)",
+            "the world, objects centred, + noise 0.4 (reference)", "Bayes-optimal one step, E[x0 given z] (reference)",
+            "teacher, DDIM + CFG 2", "teacher, one step (Eq. 7 at init)"]
     assert list(results) == rows + [name for name, _ in sb.ABLATION]
     for r in results.values():
         assert 0 <= r["color_acc"][0] <= 1 and math.isfinite(r["fd"][0])
     assert results["the world (truth)"]["color_acc"][0] == 1.0 and results["the world (truth)"]["fd"][0] < 0.5
+    assert results["Bayes-optimal one step, E[x0 given z] (reference)"]["start_error"][0] == 0
+    assert results["teacher, one step (Eq. 7 at init)"]["start_error"][0] > 0
+    assert results["the world, objects centred, + noise 0.4 (reference)"]["pos_spread"][0] < 0.5  # noise is not spread
     table = open(os.path.join(out, "table.md")).read()
     assert "| SDS, x0 student | 1 | 6 |" in table and table in printed
-    assert Image.open(os.path.join(out, "grid.png")).size[1] >= 64 * 6  # a row per line of the table
+    assert Image.open(os.path.join(out, "grid.png")).size[1] >= 64 * 9  # a row per line of the table
     for name, flags in sb.ABLATION:  # three students through the same loop, each in its own folder
         run = os.path.join(out, f"{flags['loss']}-{flags['param']}")
         config = json.load(open(os.path.join(run, "swiftbrush.json")))["config"]
@@ -274,3 +279,28 @@ def test_teacher_cache_is_reused_and_rebuilt_when_damaged(capsys):
     assert "(cached)" not in capsys.readouterr().out
     assert teacher.is_intact(folder) and not os.path.exists(f"{folder}.tmp-{os.getpid()}")
     load_unet(folder)
+
+
+# ------------------------------------------------------------------------------------------ the Bayes-optimal start
+def test_posterior_mean_of_two_constant_images_by_hand():
+    """x_0 is a or b with probability 1/2: E[x_0 | x_t] = p a + (1 - p) b, p = sigmoid of the log-likelihood ratio."""
+    a, b = torch.full((1, 3, 4, 4), 0.5), torch.full((1, 3, 4, 4), -0.3)
+    x_t = torch.randn(6, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    for alpha, sigma in ((0.3, 0.95), (0.0682, 0.9977), (0.9, 0.3)):
+        log_a = -((x_t - alpha * a) ** 2).flatten(1).sum(1) / (2 * sigma ** 2)
+        log_b = -((x_t - alpha * b) ** 2).flatten(1).sum(1) / (2 * sigma ** 2)
+        p = torch.sigmoid(log_a - log_b).view(-1, 1, 1, 1)
+        got = world.posterior_mean(x_t, torch.cat([a, b]), alpha, sigma)
+        assert torch.allclose(got, p * a + (1 - p) * b, atol=1e-6)
+
+
+def test_bayes_optimal_start_is_the_per_prompt_mean_when_x_T_says_little():
+    captions = ["a red circle"] * 3 + ["a blue square"] * 3
+    z = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    start = world.bayes_optimal_start(z, captions, alpha_T=1e-4, sigma_T=1.0, n=512)
+    for caption, rows in (("a red circle", slice(0, 3)), ("a blue square", slice(3, 6))):
+        mean = world.sample_world(512, seed=7, prompts=[caption] * 512)[0].mean(0)
+        assert (start[rows] - mean).abs().max() < 1e-3
+    # at SD's alpha_T the noise still tilts the mean: the outputs differ across z, but stay blurry and in range
+    start = world.bayes_optimal_start(z, captions, alpha_T=0.068, sigma_T=0.998, n=512)
+    assert (start[0] - start[1]).abs().max() > 1e-3 and start.abs().max() <= 0.7 + 1e-6

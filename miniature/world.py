@@ -60,11 +60,12 @@ def render_coverage(shape, cx, cy, size, res=RES, ss=4):
     return F.avg_pool2d(inside.float()[:, None], ss)[:, 0]
 
 
-def sample_world(n, seed=None, generator=None, prompts=None):
+def sample_world(n, seed=None, generator=None, prompts=None, centred=False):
     """Draw n images of the world -> (images [n,3,16,16], captions, attrs dict of [n] tensors).
 
     Colour and shape are uniform unless `prompts` (n captions) fixes them. All random numbers are drawn whether or
-    not prompts are given, so a seed yields the same positions and sizes with and without prompts.
+    not prompts are given, so a seed yields the same positions and sizes with and without prompts. centred: every
+    object at the centre (a reference for collapsed positions).
     """
     if generator is None and seed is not None:
         generator = torch.Generator().manual_seed(seed)
@@ -79,11 +80,34 @@ def sample_world(n, seed=None, generator=None, prompts=None):
     size = lo + (hi - lo) * u[:, 0]
     cx = size + (RES - 2 * size) * u[:, 1]  # the whole object stays inside the image
     cy = size + (RES - 2 * size) * u[:, 2]
+    if centred:
+        cx = cy = torch.full((n,), RES / 2)
     alpha = render_coverage(shape, cx, cy, size)
     images = alpha[:, None] * PALETTE[color][:, :, None, None]  # blend colour over the 0 background
     captions = [PROMPTS[c * len(SHAPES) + s] for c, s in zip(color.tolist(), shape.tolist())]
     attrs = {"color": color, "shape": shape, "cx": cx, "cy": cy, "size": size}
     return images.contiguous(), captions, attrs
+
+
+# ------------------------------------------------------------------------------------- the Bayes-optimal start
+def posterior_mean(x_t, candidates, alpha_t, sigma_t):
+    """E[x_0 | x_t] when x_0 is uniform over `candidates` [K, 3, H, W] and x_t = alpha_t x_0 + sigma_t eps (Eq. 1):
+    the candidates averaged with weights softmax_k(-|x_t - alpha_t x0_k|^2 / (2 sigma_t^2)). x_t: [N, 3, H, W]."""
+    x, c = x_t.flatten(1).double(), candidates.flatten(1).double()
+    d2 = (x ** 2).sum(1, keepdim=True) - 2 * alpha_t * x @ c.T + alpha_t ** 2 * (c ** 2).sum(1)  # [N, K]
+    return (torch.softmax(-d2 / (2 * sigma_t ** 2), dim=1) @ c).float().view_as(x_t)
+
+
+@torch.no_grad()
+def bayes_optimal_start(z, captions, alpha_T, sigma_T, n=4096, seed=7):
+    """The best any one-step generator can output from x_T = z given its caption: E[x_0 | x_T = z, caption],
+    by Monte Carlo over n samples of the world with that caption (a teacher's Eq. 7 output estimates this)."""
+    out = torch.empty_like(z)
+    for caption in dict.fromkeys(captions):
+        rows = [i for i, c in enumerate(captions) if c == caption]
+        candidates, _, _ = sample_world(n, seed=seed, prompts=[caption] * n)
+        out[rows] = posterior_mean(z[rows], candidates, alpha_T, sigma_T)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------- metrics
