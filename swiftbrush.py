@@ -58,6 +58,8 @@ class Config:
     lora_rank: int = 64
     lora_alpha: float = 108.0
     lora_targets: str = "to_q,to_v"
+    lora_steps: int = 1            # LoRA teacher updates per student update; > 1: DMD2's two time-scale update
+    lora_loss: str = "abar"        # Eq. 6 weighted by abar_t, as the authors' code | plain: the model's own DDPM loss
     guidance: float = 4.5          # CFG of the teacher eps_psi
     lora_guidance: float = 4.5     # CFG of the LoRA teacher eps_phi
     ema_decay: float = 0.999       # per step; 0 disables the EMA
@@ -200,29 +202,39 @@ def train_step(m, cfg, state, autocast):
     """Algorithm 1, one iteration (over cfg.grad_accum micro-batches). Returns the numbers to log.
 
     The student is stepped (its gradients freed) before the LoRA pass: one UNet of gradients less at the peak."""
-    device, gen = next(m.student.parameters()).device, state["gen"]
     logs = {"loss_student": 0.0}
     renders = []  # (sg(x0), y) of each micro-batch, for step 5
     for _ in range(cfg.grad_accum):
-        context = m.embeddings[next_prompts(state, cfg.batch_size)].to(device)  # y
-        z = torch.randn((cfg.batch_size, *m.latent_shape), generator=gen).to(device)
         with autocast:
-            x0 = f_theta(m.student, z, context, m.schedule, cfg.param).float()  # step 1: x0 = f_theta(z, y)
-            g = score_gradient(m, cfg, x0.detach(), context, gen)                # steps 2-3
+            x0, context = render(m, cfg, state)                                  # step 1: x0 = f_theta(z, y)
+            g = score_gradient(m, cfg, x0.detach(), context, state["gen"])       # steps 2-3
         loss = surrogate_loss(x0, g)                                             # step 4: d loss / d x0 = g / N
         (loss / cfg.grad_accum).backward()
         logs["loss_student"] += loss.item() / cfg.grad_accum
         renders.append((x0.detach(), context))
     logs["grad_norm_student"] = clip_and_step(state["opt_student"], "student", logs["loss_student"], state)
     if cfg.loss == "vsd":                                                        # step 5: Eq. 6 on sg(x0)
-        logs["loss_lora"] = 0.0
-        for x0, context in renders:
-            with autocast:
-                loss_phi = diffusion_loss(m.teacher, x0, context, m.uncond, m.schedule, gen)
-            (loss_phi / cfg.grad_accum).backward()
-            logs["loss_lora"] += loss_phi.item() / cfg.grad_accum
-        logs["grad_norm_lora"] = clip_and_step(state["opt_lora"], "lora", logs["loss_lora"], state)
+        for k in range(cfg.lora_steps):
+            if k > 0:  # the two time-scale update (DMD2): each further LoRA step on fresh renders of the student
+                with torch.no_grad(), autocast:
+                    renders = [render(m, cfg, state) for _ in range(cfg.grad_accum)]
+            logs["loss_lora"] = 0.0
+            for x0, context in renders:
+                with autocast:
+                    loss_phi = diffusion_loss(m.teacher, x0, context, m.uncond, m.schedule, state["gen"],
+                                              abar_weighted=cfg.lora_loss == "abar")
+                (loss_phi / cfg.grad_accum).backward()
+                logs["loss_lora"] += loss_phi.item() / cfg.grad_accum
+            logs["grad_norm_lora"] = clip_and_step(state["opt_lora"], "lora", logs["loss_lora"], state)
     return logs
+
+
+def render(m, cfg, state):
+    """x0 = f_theta(z, y) for the next batch of prompts y and fresh noises z; returns (x0 in fp32, y)."""
+    device = next(m.student.parameters()).device
+    context = m.embeddings[next_prompts(state, cfg.batch_size)].to(device)
+    z = torch.randn((cfg.batch_size, *m.latent_shape), generator=state["gen"]).to(device)
+    return f_theta(m.student, z, context, m.schedule, cfg.param).float(), context
 
 
 def clip_and_step(opt, name, loss, state):
@@ -423,16 +435,15 @@ def main(argv=None):
         for _, cfg in runs:
             check_out_folder(cfg, args.resume)
         mini = miniature_package(base.model)
-        if mini:  # scored against the world's truth, beside the teacher
-            report = mini.report.MiniatureReport(base.out, base.model)
-            describe = report.score_student
-        else:  # no truth to score against: the losses, the speed and the samples
-            report = Report(base.out, LOSS_COLUMNS)
-            describe = lambda cfg, m: (loss_numbers(cfg), torch.cat(student_samples(m, cfg)))
+        report = mini.report.MiniatureReport(base.out, base.model) if mini else Report(base.out, LOSS_COLUMNS)
         for name, cfg in runs:
-            m, _ = train(cfg)
-            report.add(name, *describe(cfg, m), curves=(f"{cfg.loss}-{cfg.param}", read_log(cfg.out)))
-            del m  # one student in memory at a time
+            m, state = train(cfg)
+            if mini:  # scored against the world's truth, beside the teacher
+                report.add_student(name, cfg, m, state)
+            else:  # no truth to score against: the losses, the speed and the samples
+                curves = (f"{cfg.loss}-{cfg.param}", read_log(cfg.out))
+                report.add(name, loss_numbers(cfg), torch.cat(student_samples(m, cfg)), curves=curves)
+            del m, state  # one student in memory at a time
         print("\n" + report.write())
         print(f"done: written to {base.out}; sample with: python sample.py --student {runs[0][1].out} --prompt \"...\"")
     except (UsageError, WeightsError, CheckpointError) as e:

@@ -210,6 +210,23 @@ def test_vsd_steps_train_student_and_lora_only(sd_root, tmp_path):
     assert any(k.startswith("lora/") for k in tensors) and any(k.startswith("opt_lora/") for k in tensors)
 
 
+def test_lora_steps_and_lora_loss(sd_root, tmp_path, monkeypatch):
+    """--lora-steps K: K LoRA updates per student update (DMD2's two time-scale update), each further one on fresh
+    renders; --lora-loss: Eq. 6 weighted by abar_t (the default) or the model's own plain DDPM loss."""
+    weighted, real = [], sb.diffusion_loss
+    monkeypatch.setattr(sb, "diffusion_loss", lambda *a, **kw: weighted.append(kw["abar_weighted"]) or real(*a, **kw))
+    _, state, log = run(sd_root, tmp_path / "k1", 2)
+    assert weighted == [True, True]
+    weighted.clear()
+    _, state3, log3 = run(sd_root, tmp_path / "k3", 2, lora_steps=3, lora_loss="plain")
+    assert weighted == [False] * 6
+    steps = lambda opt: int(next(iter(opt.state.values()))["step"])
+    assert (steps(state["opt_lora"]), steps(state3["opt_lora"])) == (2, 6)
+    assert steps(state3["opt_student"]) == 2 and len(log3) == 2
+    assert log3[0]["loss_student"] == log[0]["loss_student"]  # same first render; the LoRA then differs
+    assert log3[1]["loss_lora"] != log[1]["loss_lora"]
+
+
 def test_sds_mode_has_no_lora(sd_root, tmp_path):
     official = load_file(os.path.join(sd_root, UNET_FILE))
     m, _, log = run(sd_root, tmp_path / "sds", 3, loss="sds")

@@ -23,7 +23,8 @@ NEVER_OR_EVERY = _checked(int, lambda v: v >= 0, ">= 0 (0: never)")
 POSITIVE = _checked(float, lambda v: 0 < v < math.inf, "positive")
 FINITE = _checked(float, math.isfinite, "finite")
 NUMBERS = {"steps": AT_LEAST_1, "batch_size": AT_LEAST_1, "grad_accum": AT_LEAST_1, "lora_rank": AT_LEAST_1,
-           "resolution": AT_LEAST_1, "seed": int, "lr": POSITIVE, "lora_lr": POSITIVE, "lora_alpha": POSITIVE,
+           "lora_steps": AT_LEAST_1, "resolution": AT_LEAST_1, "seed": int, "lr": POSITIVE, "lora_lr": POSITIVE,
+           "lora_alpha": POSITIVE,
            "guidance": FINITE, "lora_guidance": FINITE,
            "ema_decay": _checked(float, lambda v: 0 <= v < 1, "in [0, 1)"),
            "save_every": NEVER_OR_EVERY, "sample_every": NEVER_OR_EVERY, "diagnose_every": NEVER_OR_EVERY}
@@ -40,6 +41,8 @@ def parse_args(argv, description, defaults):
     p.add_argument("--loss", choices=["vsd", "sds"], help="VSD (Eq. 5, default) or SDS (Eq. 2)")
     p.add_argument("--param", choices=["x0", "eps"], help="student output: Eq. 7's x0 (default) or the raw eps")
     p.add_argument("--weighting", choices=["sigma2", "dmd"], help="w(t): sigma_t^2 (default) or DMD's")
+    p.add_argument("--lora-loss", choices=["abar", "plain"],
+                   help="the LoRA teacher's loss: Eq. 6 weighted by abar_t (default) or the model's own DDPM loss")
     for name, kind in NUMBERS.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, help=f"default {getattr(defaults, name)}")
     p.add_argument("--lora-targets", help=f"comma-separated Linear names to adapt (default {defaults.lora_targets})")

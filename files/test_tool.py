@@ -119,6 +119,8 @@ def test_cli_bad_input(sd_root, tmp_path, capsys):
     assert "UTF-8" in cli_error(base() + ["--prompts", str(latin1)], capsys)
     assert "--steps" in cli_error(base() + ["--steps", "-3"], capsys)
     assert "--lora-rank" in cli_error(base() + ["--lora-rank", "0"], capsys)
+    assert "--lora-steps" in cli_error(base() + ["--lora-steps", "0"], capsys)
+    assert "--lora-loss" in cli_error(base() + ["--lora-loss", "v"], capsys)
     assert "--batch-size" in cli_error(base() + ["--batch-size", "0"], capsys)
     assert "--lr" in cli_error(base() + ["--lr", "0"], capsys)
     for kind in ("garbage", "truncated"):

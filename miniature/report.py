@@ -1,19 +1,27 @@
 """The miniature's report: every student scored against the world's truth, beside the world itself and the teacher
 (DDIM + CFG, and one step: Eq. 7 at initialisation), on fixed prompts and noises the same for every row."""
-import torch
+import copy
+import hashlib
+import inspect
+import json
+import os
 
+import torch
+from safetensors.torch import load_file, save_file
+
+import sample
 from files.checkpoint import read_log
 from files.models import encode_prompts, load_text, scheduler_config
 from files.report import Report
 from miniature import DEFAULTS, world
-from miniature.teacher import build_teacher
-from sample import ddim_sample
+from miniature.teacher import STAMP, build_teacher
 from swiftbrush import Schedule, f_theta
 from unet import load_unet
 
 EVALUATION = {"miniature": {"seeds": (0, 1, 2), "per_prompt": 16, "ddim_steps": 25},   # 3 x 12 prompts x 16
               "miniature-quick": {"seeds": (0,), "per_prompt": 4, "ddim_steps": 5}}
-COLUMNS = [("sampling_steps", "sampling steps", "{}"), ("steps", "training steps", "{}"), ("color_acc", "colour acc", "{:.2f}"), ("shape_acc", "shape acc", "{:.2f}"),
+COLUMNS = [("sampling_steps", "sampling steps", "{}"), ("steps", "training steps", "{}"),
+           ("color_acc", "colour acc", "{:.2f}"), ("shape_acc", "shape acc", "{:.2f}"),
            ("pos_spread", "position spread px", "{:.2f}"), ("size_spread", "size spread px", "{:.2f}"),
            ("saturation", "mean abs pixel", "{:.3f}"), ("clipped", "clipped", "{:.3f}"),
            ("bg_noise", "background noise", "{:.3f}"), ("fd", "Frechet dist.", "{:.1f}"),
@@ -41,16 +49,11 @@ class MiniatureReport(Report):
         self.add_row("the world (truth)", None, [truth])
         self.add_row("the world + noise 0.4 (reference)", None, [truth + noise])
         self.add_row("the world, objects centred, + noise 0.4 (reference)", None, [centred + noise])
-        alpha_T, sigma_T = self.schedule.alpha[-1].item(), self.schedule.sigma[-1].item()
-        self.bayes = [world.bayes_optimal_start(z, self.captions, alpha_T, sigma_T) for z in self.noises]
+        ref = self.reference_images(folder, e)
+        self.bayes = ref["bayes"]
         self.add_row("Bayes-optimal one step, E[x0 given z] (reference)", 1, self.bayes, start=True)
-        teacher, guidance = load_unet(folder), DEFAULTS["guidance"]
-        with torch.no_grad():
-            ddim = [ddim_sample(teacher, self.schedule, self.context, self.uncond, z, e["ddim_steps"], guidance)
-                    for z in self.noises]
-            one_step = [f_theta(teacher, z, self.context, self.schedule) for z in self.noises]
-        self.add_row(f"teacher, DDIM + CFG {guidance:g}", e["ddim_steps"], ddim)
-        self.add_row("teacher, one step (Eq. 7 at init)", 1, one_step, start=True)
+        self.add_row(f"teacher, DDIM + CFG {DEFAULTS['guidance']:g}", e["ddim_steps"], ref["ddim"])
+        self.add_row("teacher, one step (Eq. 7 at init)", 1, ref["one_step"], start=True)
 
     def add_row(self, name, sampling_steps, images_per_seed, start=False):
         """A reference row; start: also its rms distance to the Bayes-optimal one-step output (the 'start error')."""
@@ -71,9 +74,44 @@ class MiniatureReport(Report):
         return numbers, images_per_seed[0][self.grid_index]
 
     @torch.no_grad()
-    def score_student(self, cfg, m):
-        """A trained student's numbers (against the truth) and its row of the grid: the raw student, no EMA."""
-        student = m.student.cpu().eval()
-        numbers, images = self.scored([f_theta(student, z, self.context, self.schedule, cfg.param) for z in self.noises])
+    def add_student(self, name, cfg, m, state):
+        """The trained student's row (against the truth), and its EMA's when it has one."""
         log = read_log(cfg.out)
-        return {**numbers, "sampling_steps": 1, "steps": cfg.steps, "sec_per_step": sum(r["sec_per_step"] for r in log) / len(log)}, images
+        speed = {"sampling_steps": 1, "steps": cfg.steps,
+                 "sec_per_step": sum(r["sec_per_step"] for r in log) / len(log)}
+        student = m.student.cpu().eval()
+        numbers, images = self.scored([f_theta(student, z, self.context, self.schedule, cfg.param)
+                                       for z in self.noises])
+        self.add(name, {**numbers, **speed}, images, curves=(f"{cfg.loss}-{cfg.param}", log))
+        if state["ema"] is not None:
+            student = copy.deepcopy(student)
+            student.load_state_dict(state["ema"])
+            numbers, images = self.scored([f_theta(student, z, self.context, self.schedule, cfg.param)
+                                           for z in self.noises])
+            self.add(f"{name}, EMA {cfg.ema_decay:g}", {**numbers, **speed}, images)
+
+    @torch.no_grad()
+    def reference_images(self, folder, evaluation):
+        """{"bayes", "ddim", "one_step"}: a list of images per noise seed. The Bayes-optimal start and the teacher's
+        DDIM take minutes, so they are cached beside the teacher, keyed by its files, the evaluation and the source of
+        world.py and sample.py; a damaged cache file is recomputed."""
+        with open(os.path.join(folder, STAMP)) as f:
+            teacher_files = json.load(f)["files"]
+        key = json.dumps([teacher_files, evaluation, DEFAULTS["guidance"], inspect.getsource(world),
+                          inspect.getsource(sample)], sort_keys=True)
+        path = f"{folder}-reference-{hashlib.sha256(key.encode()).hexdigest()[:12]}.safetensors"
+        try:
+            flat = load_file(path)
+            seeds = range(len(self.noises))
+            return {kind: [flat[f"{kind}_{i}"] for i in seeds] for kind in ("bayes", "ddim", "one_step")}
+        except Exception:  # missing or damaged
+            pass
+        alpha_T, sigma_T = self.schedule.alpha[-1].item(), self.schedule.sigma[-1].item()
+        teacher = load_unet(folder)
+        ref = {"bayes": [world.bayes_optimal_start(z, self.captions, alpha_T, sigma_T) for z in self.noises],
+               "ddim": [sample.ddim_sample(teacher, self.schedule, self.context, self.uncond, z,
+                                           evaluation["ddim_steps"], DEFAULTS["guidance"]) for z in self.noises],
+               "one_step": [f_theta(teacher, z, self.context, self.schedule) for z in self.noises]}
+        save_file({f"{kind}_{i}": x.contiguous() for kind, xs in ref.items() for i, x in enumerate(xs)}, path + ".tmp")
+        os.replace(path + ".tmp", path)  # atomic: a killed run leaves no half-written cache
+        return ref
