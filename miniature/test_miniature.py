@@ -219,7 +219,8 @@ def test_ablation_on_the_quick_miniature(tmp_path, capsys):
     rows = ["the world (truth)", "the world + noise 0.4 (reference)",
             "the world, objects centred, + noise 0.4 (reference)", "Bayes-optimal one step, E[x0 given z] (reference)",
             "teacher, DDIM + CFG 2", "teacher, one step (Eq. 7 at init)"]
-    assert list(results) == rows + [name for name, _ in sb.ABLATION]
+    ema = f"EMA {miniature.QUICK['ema_decay']:g}"
+    assert list(results) == rows + [row for name, _ in sb.ABLATION for row in (name, f"{name}, {ema}")]
     for r in results.values():
         assert 0 <= r["color_acc"][0] <= 1 and math.isfinite(r["fd"][0])
     assert results["the world (truth)"]["color_acc"][0] == 1.0 and results["the world (truth)"]["fd"][0] < 0.5
@@ -258,6 +259,26 @@ def test_default_command_on_a_cpu_trains_one_student_on_the_miniature(tmp_path, 
                                                                         ("lr", "batch_size", "guidance")}
     assert "| SDS, x0 student | 1 | 20 |" in printed and "| teacher, one step (Eq. 7 at init) | 1 | - |" in printed
     assert os.path.getsize(os.path.join(out, "grid.png")) > 0
+
+
+def test_reference_rows_are_cached_beside_the_teacher_and_recomputed_when_damaged(tmp_path, monkeypatch):
+    first = report.MiniatureReport(str(tmp_path / "a"), "miniature-quick")
+    numbers = lambda r: json.dumps(r.rows)  # NaN (no object found) equals itself here
+    folder = teacher.teacher_folder("miniature-quick")
+    cached = [f for f in os.listdir(os.path.dirname(folder)) if f.startswith(os.path.basename(folder) + "-reference-")]
+    assert len(cached) == 1 and cached[0].endswith(".safetensors")
+    path = os.path.join(os.path.dirname(folder), cached[0])
+
+    def expensive(*args, **kwargs):
+        raise AssertionError("recomputed although cached")
+    with monkeypatch.context() as m:
+        m.setattr(report.sample, "ddim_sample", expensive)
+        m.setattr(world, "bayes_optimal_start", expensive)
+        assert numbers(report.MiniatureReport(str(tmp_path / "b"), "miniature-quick")) == numbers(first)
+    with open(path, "wb") as f:  # damaged: recomputed, to the same numbers
+        f.write(b"not safetensors")
+    assert numbers(report.MiniatureReport(str(tmp_path / "c"), "miniature-quick")) == numbers(first)
+    assert os.path.getsize(path) > 100 and not os.path.exists(path + ".tmp")
 
 
 def test_teacher_cache_is_reused_and_rebuilt_when_damaged(capsys):
