@@ -77,18 +77,16 @@ class MiniatureReport(Report):
     def add_student(self, name, cfg, m, state):
         """The trained student's row (against the truth), and its EMA's when it has one."""
         log = read_log(cfg.out)
-        speed = {"sampling_steps": 1, "steps": cfg.steps,
-                 "sec_per_step": sum(r["sec_per_step"] for r in log) / len(log)}
-        student = m.student.cpu().eval()
-        numbers, images = self.scored([f_theta(student, z, self.context, self.schedule, cfg.param)
-                                       for z in self.noises])
-        self.add(name, {**numbers, **speed}, images, curves=(f"{cfg.loss}-{cfg.param}", log))
+        run = {"sampling_steps": 1, "steps": cfg.steps, "sec_per_step": sum(r["sec_per_step"] for r in log) / len(log)}
+        students = [(name, m.student.cpu().eval())]
         if state["ema"] is not None:
-            student = copy.deepcopy(student)
-            student.load_state_dict(state["ema"])
+            ema = copy.deepcopy(students[0][1])
+            ema.load_state_dict(state["ema"])
+            students.append((f"{name}, EMA {cfg.ema_decay:g}", ema))
+        for row, student in students:
             numbers, images = self.scored([f_theta(student, z, self.context, self.schedule, cfg.param)
                                            for z in self.noises])
-            self.add(f"{name}, EMA {cfg.ema_decay:g}", {**numbers, **speed}, images)
+            self.add(row, {**numbers, **run}, images, curves=(f"{cfg.loss}-{cfg.param}", log) if row == name else None)
 
     @torch.no_grad()
     def reference_images(self, folder, evaluation):

@@ -258,6 +258,9 @@ def test_default_command_on_a_cpu_trains_one_student_on_the_miniature(tmp_path, 
     assert {k: config[k] for k in ("lr", "batch_size", "guidance")} == {k: miniature.DEFAULTS[k] for k in
                                                                         ("lr", "batch_size", "guidance")}
     assert "| SDS, x0 student | 1 | 20 |" in printed and "| teacher, one step (Eq. 7 at init) | 1 | - |" in printed
+    results = json.load(open(os.path.join(out, "results.json")))
+    raw, ema = results["SDS, x0 student"], results[f"SDS, x0 student, EMA {miniature.DEFAULTS['ema_decay']:g}"]
+    assert raw["saturation"] != ema["saturation"]  # the EMA row scores the EMA weights, not the student's again
     assert os.path.getsize(os.path.join(out, "grid.png")) > 0
 
 
