@@ -3,6 +3,10 @@
     python sample.py --student runs/vsd --prompt "a cat" --n 4                     # one step
     python sample.py --student runs/vsd --prompt "a cat" --teacher-steps 25        # + the teacher, side by side
     python sample.py --model SD_FOLDER_OR_HUB_ID --teacher-steps 25 --prompt "a cat" # the teacher alone
+
+--student: a run folder, or any export of one (python -m files.export): its pipeline/ folder, student.safetensors,
+or a UNet alone (student-unet.safetensors, a unet/ folder) with --model, the teacher that gives the VAE and text.
+--model: a folder, a hub id or a single file, as for swiftbrush.py.
 """
 import argparse
 import json
@@ -13,9 +17,11 @@ import numpy as np
 import torch
 
 from files.images import save_grid
-from files.models import UsageError, encode_prompts, load_text, resolve_model, scheduler_config
+from files.models import (SINGLE_FILE, UsageError, encode_prompts, latent_shape, load_text, resolve_model,
+                          scheduler_config)
+from files.single_file import is_full_checkpoint, read_single_file
 from swiftbrush import Schedule, autocast_for, eps_cfg, f_theta
-from unet import WeightsError, load_unet
+from unet import UNet, WeightsError, load_unet
 from vae import load_vae, to_images
 
 
@@ -53,24 +59,45 @@ def ddim_sample(unet, schedule, context, uncond, z, steps=25, guidance=4.5):
     return x
 
 
-def load_run(student_dir, ema=True):
-    """The exported student of a swiftbrush.py run and the model folder it was distilled from."""
-    info_path = os.path.join(student_dir, "swiftbrush.json")
-    if not os.path.exists(info_path):
-        raise UsageError(f"{student_dir} is not a swiftbrush.py output folder (no swiftbrush.json)")
-    with open(info_path) as f:
-        info = json.load(f)
-    sub = "unet_ema" if ema and os.path.isdir(os.path.join(student_dir, "unet_ema")) else "unet"
-    return load_unet(os.path.join(student_dir, sub)), info
+def load_student(a):
+    """(student UNet, its param, the folder of the model that gives the VAE, text encoder and schedule, the run's
+    x_0 shape or None) for --student: a run or pipeline folder, a single file (full or UNet-only), a unet/ folder."""
+    path, model = a.student, resolve_model(a.model, a.prediction_type) if a.model else None
+    if os.path.exists(os.path.join(path, "swiftbrush.json")):  # a run: its EMA (or raw) UNet, its teacher
+        with open(os.path.join(path, "swiftbrush.json")) as f:
+            info = json.load(f)
+        sub = "unet_ema" if a.ema and os.path.isdir(os.path.join(path, "unet_ema")) else "unet"
+        return load_unet(os.path.join(path, sub)), info["param"], model or info["folder"], info["latent_shape"]
+    if a.teacher_steps and model is None:
+        raise UsageError(f"--teacher-steps with --student {path}: pass --model, the teacher to sample")
+    if os.path.exists(os.path.join(path, "model_index.json")):  # an exported pipeline: the student and its parts
+        return load_unet(path), "x0", model or path, None
+    if path.lower().endswith(SINGLE_FILE) and is_full_checkpoint(path):
+        folder = resolve_model(path, a.prediction_type)
+        return load_unet(folder), "x0", model or folder, None
+    if not path.lower().endswith(SINGLE_FILE) and not os.path.exists(os.path.join(path, "config.json")):
+        raise UsageError(f"--student {path}: not a swiftbrush.py run (no swiftbrush.json), an export of one, nor a "
+                         f"unet/ folder")
+    if model is None:
+        raise UsageError(f"--student {path} is a UNet alone: pass --model, the teacher it was distilled from")
+    if path.lower().endswith(SINGLE_FILE):
+        config, sd = read_single_file(path, full=False)["unet"]
+        student = UNet(config)
+        student.load_state_dict(sd, strict=True)
+        return student.eval(), "x0", model, None
+    return load_unet(path), "x0", model, None
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--student", help="output folder of swiftbrush.py (one-step generation)")
-    p.add_argument("--model", help="Stable Diffusion folder or hub id (teacher); default: the student's")
+    p.add_argument("--student", help="output folder of swiftbrush.py, or an export of one (one-step generation)")
+    p.add_argument("--model", help="Stable Diffusion folder, hub id or single file (teacher); default: the student's")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
+                   help="a single file's, which the file does not say (default epsilon: SD 1.x, 2.x-base)")
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts (one grid row each)")
     p.add_argument("--n", type=int, default=1, help="images per prompt")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resolution", type=int, help="pixels (default: the run's; else the model's, e.g. 512 for SD 2.1-base)")
     p.add_argument("--teacher-steps", type=int, default=0, help="also (or only) sample the teacher with N DDIM steps")
     p.add_argument("--guidance", type=float, default=4.5, help="the teacher's CFG scale")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the student's EMA weights")
@@ -93,8 +120,10 @@ def main(argv=None):
 def generate(a):
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    student, info = load_run(a.student, a.ema) if a.student else (None, None)
-    model = resolve_model(a.model) if a.model else info["folder"]
+    if a.student:
+        student, param, model, shape = load_student(a)
+    else:
+        student, param, model, shape = None, None, resolve_model(a.model, a.prediction_type), None
     schedule = Schedule(scheduler_config(model))
     tokenizer, encoder = load_text(model)
     context, uncond = encode_prompts(tokenizer, encoder, a.prompt), encode_prompts(tokenizer, encoder, [""])
@@ -102,7 +131,7 @@ def generate(a):
     if os.path.isdir(os.path.join(model, "vae")):
         vae = load_vae(os.path.join(model, "vae"), dtype).to(device)
     teacher = load_unet(model, dtype).to(device) if a.teacher_steps else None
-    c = (info or {}).get("latent_shape") or [teacher.config.get("in_channels", 4)] + [teacher.config.get("sample_size", 64)] * 2
+    c = shape if shape and not a.resolution else latent_shape(teacher if student is None else student, vae, a.resolution)
     autocast = autocast_for(device)
     student = student.to(device, dtype) if student is not None else None
     out = []
@@ -111,7 +140,7 @@ def generate(a):
         ctx = context[i:i + 1].expand(a.n, -1, -1).to(device)
         with torch.no_grad(), autocast:
             if student is not None:
-                x0 = f_theta(student, z, ctx, schedule, info["param"])
+                x0 = f_theta(student, z, ctx, schedule, param)
                 out.append((to_images(vae, x0), f"{prompt} (1 step)"))
             if teacher is not None:
                 x0 = ddim_sample(teacher, schedule, ctx, uncond.to(device), z, a.teacher_steps, a.guidance)

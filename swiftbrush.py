@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from files import flags
 from files.checkpoint import (CheckpointError, check_out_folder, ctrl_c_finishes_the_step, load_checkpoint,
                               read_log, save_checkpoint, truncate_log, write_run_info)
+from files.export import export_one_step
 from files.images import save_grid
 from files.models import (UsageError, encode_text, latent_shape, pick_model, read_prompts,
                           resolve_model, scheduler_config)
@@ -44,7 +45,8 @@ class TrainingDiverged(RuntimeError):
 class Config:
     """The authors' settings on Stable Diffusion 2.1-base (../shared/spec/swiftbrush.md). The miniature has its
     own (miniature/__init__.py); flags override both."""
-    model: str = PAPER_TEACHER     # a local SD folder, a hub id, or miniature / miniature-quick
+    model: str = PAPER_TEACHER     # a local SD folder, a hub id, a single .safetensors, or miniature(-quick)
+    prediction_type: str = None    # a single file's: epsilon (default) | v_prediction; a folder's config says it
     prompts: str = None            # text file, one prompt per line; None: a built-in demo list
     out: str = "runs/swiftbrush"
     steps: int = 20000
@@ -268,7 +270,7 @@ def next_prompts(state, n):
 def load_models(cfg, device):
     """Read the teacher (a folder, a hub snapshot, the miniature's), encode the prompts once, copy the student."""
     mini = miniature_package(cfg.model)
-    folder = mini.teacher.build_teacher(cfg.model) if mini else resolve_model(cfg.model)
+    folder = mini.teacher.build_teacher(cfg.model) if mini else resolve_model(cfg.model, cfg.prediction_type)
     teacher = load_unet(folder)
     vae = load_vae(os.path.join(folder, "vae")) if os.path.isdir(os.path.join(folder, "vae")) else None
     prompts = read_prompts(cfg.prompts)
@@ -438,6 +440,9 @@ def main(argv=None):
         report = mini.report.MiniatureReport(base.out, base.model) if mini else Report(base.out, LOSS_COLUMNS)
         for name, cfg in runs:
             m, state = train(cfg)
+            exported = export_one_step(cfg.out)  # the pipeline folder and single files other tools load
+            if exported:
+                print(f"export: {exported} (pipeline/, student.safetensors, student-unet.safetensors)")
             if mini:  # scored against the world's truth, beside the teacher
                 report.add_student(name, cfg, m, state)
             else:  # no truth to score against: the losses, the speed and the samples

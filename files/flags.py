@@ -34,8 +34,10 @@ def parse_args(argv, description, defaults):
     """`defaults`: swiftbrush.Config(), shown in the help."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 argument_default=argparse.SUPPRESS)
-    p.add_argument("--model", help=f"a local Stable Diffusion folder, a hub id, miniature or miniature-quick "
-                                   f"(default: {defaults.model} on a CUDA GPU, else miniature)")
+    p.add_argument("--model", help=f"a local Stable Diffusion folder, a hub id, an original single file (.safetensors), "
+                                   f"miniature or miniature-quick (default: {defaults.model} on a CUDA GPU, else miniature)")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
+                   help="a single-file --model's, which the file does not say (default epsilon: SD 1.x, 2.x-base)")
     p.add_argument("--prompts", help="text file, one prompt per line (default: a small built-in list)")
     p.add_argument("--out", help=f"output folder (default {defaults.out}; the miniature: runs/miniature)")
     p.add_argument("--loss", choices=["vsd", "sds"], help="VSD (Eq. 5, default) or SDS (Eq. 2)")

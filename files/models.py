@@ -1,12 +1,15 @@
-"""The inputs of a run: the teacher named by --model (a local Stable Diffusion folder or a model-hub id), its text
-encoder and scheduler config, and the prompt file.
+"""The inputs of a run: the teacher named by --model (a local Stable Diffusion folder, a model-hub id or an original
+single-file checkpoint), its text encoder and scheduler config, and the prompt file.
 
 A hub id is looked up in the local hub cache first (`huggingface_hub`: HF_HOME, HF_HUB_OFFLINE); only when it is
 missing there is the hub asked, and then only the five folders we read are fetched, one weights file each.
+A single file (the A1111/ComfyUI kind) is unpacked once into a folder of the same layout in our cache.
 """
+import hashlib
 import json
 import os
 import re
+import shutil
 
 import torch
 
@@ -19,6 +22,9 @@ WEIGHTS = {"unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_mo
            "text_encoder": ("model.safetensors", "model.fp16.safetensors")}
 WEIGHTS["vae"] = WEIGHTS["unet"]
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+SINGLE_FILE = (".safetensors", ".ckpt", ".pt")
+CLIP_TOKENIZER = "openai/clip-vit-large-patch14"  # the CLIP BPE of SD 1 and 2 (SD 2 pads with "!")
+TOKENIZER_FILES = ["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"]
 DEMO_PROMPTS = [
     "a photo of a cat sitting on a windowsill", "a red sports car on a mountain road at sunset",
     "a bowl of ramen, studio lighting", "an astronaut riding a horse, digital art",
@@ -49,11 +55,22 @@ def pick_model(given, paper_teacher):
     return "miniature"
 
 
-def resolve_model(name):
-    """A local Stable Diffusion folder (returned as it is) or a hub id (returned as its snapshot in the hub cache)."""
+def resolve_model(name, prediction_type=None):
+    """A local Stable Diffusion folder (returned as it is), a hub id (its snapshot in the hub cache) or a single file
+    (its unpacked folder in our cache). `prediction_type`: a single file's, which the file does not say."""
+    if name.lower().endswith(SINGLE_FILE):
+        return unpack_single_file(name, prediction_type)
+    if prediction_type:
+        raise UsageError("--prediction-type is for a single-file --model: a folder's scheduler config says it")
     if os.path.exists(name) or not HUB_ID.match(name):
         return name  # the loaders say what is wrong with a folder
     return hub_snapshot(name)
+
+
+def cache_root():
+    """Where the miniature's teacher and unpacked single files live: SWIFTBRUSH_CACHE, else ~/.cache/swiftbrush."""
+    default = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "swiftbrush")
+    return os.environ.get("SWIFTBRUSH_CACHE") or default
 
 
 def hub_files(repo_id, names):
@@ -98,6 +115,68 @@ def hub_snapshot(repo_id):
         why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"the hub cannot be reached ({type(e).__name__})"
         raise WeightsError(f"{repo_id}: no such local folder, and as a hub id it is not in the hub cache ({cache}) "
                            f"while {why}: download it with network (`hf download {repo_id}`), or pass a folder") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# --model FILE.safetensors: an original single-file checkpoint, unpacked once
+
+
+def unpack_single_file(path, prediction_type=None):
+    """The folder of an SD 1.x/2.x single file, written into the cache on first use (keyed by the file's path, size,
+    time and the prediction type), so every loader reads it like any other folder. The file says neither its
+    prediction type (default epsilon: SD 1.x, 2.x-base; SD 2.x-768 is v_prediction) nor its tokenizer."""
+    from files.single_file import read_single_file, write_folder
+    if not os.path.isfile(path):
+        raise WeightsError(f"{path} not found; pass the path of a Stable Diffusion single-file checkpoint")
+    v = prediction_type == "v_prediction"  # SD 2.x-768: 768 px, attention upcast to fp32 (its config)
+    stat = os.stat(path)
+    key = json.dumps([os.path.realpath(path), stat.st_size, stat.st_mtime_ns, prediction_type or "epsilon"])
+    name = os.path.splitext(os.path.basename(path))[0]
+    folder = os.path.join(cache_root(), f"single-{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}")
+    said = prediction_type or "epsilon (assumed: right for SD 1.x and 2.x-base; SD 2.x-768 needs " \
+                               "--prediction-type v_prediction)"
+    if not os.path.exists(os.path.join(folder, "model_index.json")):
+        parts = read_single_file(path, upcast_attention=v, sample_size=96 if v else 64)
+        print(f"model: unpacking {path} (SD {parts['family'][2]}.x) into {folder}")
+        tmp = f"{folder}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            write_folder(parts, tmp, prediction_type or "epsilon")
+            clip_tokenizer(parts["family"], os.path.dirname(os.path.abspath(path))).save_pretrained(
+                os.path.join(tmp, "tokenizer"))
+            with open(os.path.join(tmp, "model_index.json"), "w") as f:  # written last: the folder is whole
+                json.dump({"_class_name": "StableDiffusionPipeline", "source": os.path.realpath(path)}, f)
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(f"model: {path}, prediction type {said}")
+    return folder
+
+
+def clip_tokenizer(family, beside):
+    """The CLIP tokenizer a single file does not carry: a `tokenizer/` folder beside the file, else the hub's
+    (cached, or fetched: 4 small files). SD 2 pads with "!" where SD 1 pads with the end token."""
+    from huggingface_hub import snapshot_download
+    from transformers import CLIPTokenizer
+    local = os.path.join(beside, "tokenizer")
+    try:
+        if os.path.isdir(local):
+            tokenizer = CLIPTokenizer.from_pretrained(local)
+        else:
+            try:
+                source = snapshot_download(CLIP_TOKENIZER, allow_patterns=TOKENIZER_FILES, local_files_only=True)
+                tokenizer = CLIPTokenizer.from_pretrained(source)
+            except Exception:  # not cached (whole): ask the hub
+                source = snapshot_download(CLIP_TOKENIZER, allow_patterns=TOKENIZER_FILES)
+                tokenizer = CLIPTokenizer.from_pretrained(source)
+    except Exception as e:
+        raise WeightsError(f"a single file carries no tokenizer, and the CLIP one ({CLIP_TOKENIZER}) is neither in "
+                           f"{local} nor in the hub cache, nor reachable ({type(e).__name__}): fetch it once with "
+                           f"`hf download {CLIP_TOKENIZER} {' '.join(TOKENIZER_FILES)}`") from None
+    if family == "sd2":
+        tokenizer.pad_token = "!"
+    return tokenizer
 
 
 # --------------------------------------------------------------------------------------------------

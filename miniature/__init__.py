@@ -37,5 +37,7 @@ def miniature_defaults(model, flags):
     from miniature.teacher import teacher_folder
     if "prompts" in flags:
         raise UsageError("the miniature's prompts are its world's 12 captions: drop --prompts, or pass --model")
+    if "prediction_type" in flags:
+        raise UsageError("--prediction-type is for a single-file --model; the miniature's teacher says its own")
     return {**(QUICK if model == "miniature-quick" else DEFAULTS),
             "prompts": os.path.join(teacher_folder(model), "prompts.txt")}

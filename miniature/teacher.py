@@ -12,7 +12,7 @@ import shutil
 import torch
 
 from files.checkpoint import export_unet
-from files.models import encode_prompts, load_text
+from files.models import cache_root, encode_prompts, load_text
 from miniature import world
 from swiftbrush import Schedule, diffusion_loss
 from unet import UNet, load_unet
@@ -36,11 +36,6 @@ STAMP = "miniature.json"
 def recipe(model):
     return {"unet": UNET_CONFIG, "text": TEXT_CONFIG, "scheduler": SCHEDULER_CONFIG, "max_length": MAX_LENGTH,
             "training": TRAINING[model], "world": world.PROMPTS}
-
-
-def cache_root():
-    default = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "swiftbrush")
-    return os.environ.get("SWIFTBRUSH_CACHE") or default
 
 
 def teacher_folder(model):

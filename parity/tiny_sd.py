@@ -5,26 +5,43 @@ import torch
 from miniature import world
 
 
-def make_tiny_sd(root, vae=True, pred="epsilon"):
+# Sizes that follow the rules a single file is read by (files/single_file.py: 32 norm groups; 8 heads per UNet block
+# in SD 1, 64-wide heads in SD 2 and in both text towers), so that folder -> single file -> folder is exact.
+SINGLE_FILE_SIZES = {
+    "sd1": dict(unet=dict(block_out_channels=(32, 64), attention_head_dim=8, norm_num_groups=32,
+                          cross_attention_dim=64),
+                vae=dict(norm_num_groups=32, block_out_channels=(32, 64)),
+                text=dict(hidden_size=64, intermediate_size=128, num_attention_heads=1, hidden_act="quick_gelu")),
+    "sd2": dict(unet=dict(block_out_channels=(64, 128), attention_head_dim=[1, 2], norm_num_groups=32,
+                          cross_attention_dim=64, use_linear_projection=True),
+                vae=dict(norm_num_groups=32, block_out_channels=(32, 64)),
+                text=dict(hidden_size=64, intermediate_size=128, num_attention_heads=1, hidden_act="gelu")),
+}
+SIZES = dict(unet=dict(block_out_channels=(32, 64), attention_head_dim=4, norm_num_groups=8, cross_attention_dim=32),
+             vae=dict(norm_num_groups=4, block_out_channels=(8, 16)),
+             text=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4))
+
+
+def make_tiny_sd(root, vae=True, pred="epsilon", family=None):
+    """family None: the smallest sizes; "sd1" / "sd2": sizes that survive a round trip through a single file."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
+    sizes = SINGLE_FILE_SIZES[family] if family else SIZES
     torch.manual_seed(0)
     ids = world.write_tokenizer(f"{root}/tokenizer", max_length=16)
-    te = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, **ids))
+    te = CLIPTextModel(CLIPTextConfig(num_hidden_layers=2, **sizes["text"], **ids))
     te.save_pretrained(f"{root}/text_encoder")
-    u = UNet2DConditionModel(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=4,
-                             cross_attention_dim=32, layers_per_block=1, norm_num_groups=8, sample_size=8,
-                             in_channels=4, out_channels=4)
+    u = UNet2DConditionModel(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1, sample_size=8,
+                             in_channels=4, out_channels=4, **sizes["unet"])
     with torch.no_grad():
         for p in u.parameters():
             p.add_(torch.randn_like(p) * 0.02)  # diffusers zero-initialises conv_out: make every path matter
     u.save_pretrained(f"{root}/unet")
     if vae:
-        AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                      up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
-                      layers_per_block=1, sample_size=16).save_pretrained(f"{root}/vae")
+        AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                      latent_channels=4, layers_per_block=1, sample_size=16,
+                      **sizes["vae"]).save_pretrained(f"{root}/vae")
     DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
                   set_alpha_to_one=False, steps_offset=1, prediction_type=pred).save_pretrained(f"{root}/scheduler")
     return root

@@ -1,0 +1,161 @@
+"""Single files in, one-step models out: --model FILE.safetensors trains like the folder it came from, and the
+exports (pipeline folder, single files) give our sample.py image in diffusers and in sample.py. diffusers is the
+oracle; the hub is a temporary cache (conftest: offline)."""
+import json
+import os
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import sample
+from conftest import cli, cli_error, rel_err
+from files.models import CLIP_TOKENIZER, load_text, resolve_model
+from files.single_file import read_single_file, write_single_file
+from parity.tiny_sd import make_tiny_sd
+from unet import load_unet
+from vae import load_vae
+
+RUN = ["--steps", "2", "--batch-size", "1", "--lora-rank", "2", "--lora-alpha", "2", "--lr", "1e-3",
+       "--save-every", "0", "--sample-every", "0", "--resolution", "16"]  # a file does not say its size: SD's 512
+
+
+def folder_as_single_file(root, path):
+    """A diffusers folder written as one original-layout file, the way A1111 users hold SD."""
+    text = load_text(root)[1]
+    family = "sd1" if text.config.hidden_act == "quick_gelu" else "sd2"
+    write_single_file(path, load_unet(root).state_dict(), load_vae(os.path.join(root, "vae")).state_dict(),
+                      text.state_dict(), family)
+    return str(path)
+
+
+def place_tokenizer_in_hub_cache(tokenizer_dir):
+    from huggingface_hub import constants
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    cached = os.path.join(constants.HF_HUB_CACHE, "models--" + CLIP_TOKENIZER.replace("/", "--"))
+    shutil.copytree(tokenizer_dir, os.path.join(cached, "snapshots", commit))
+    os.makedirs(os.path.join(cached, "refs"), exist_ok=True)
+    with open(os.path.join(cached, "refs", "main"), "w") as f:
+        f.write(commit)
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    """A tiny SD 1-sized folder, the same as a single file, and a 2-step run trained from the file (exported), with
+    the CLIP tokenizer in the hub cache as a user who fetched it once has it."""
+    base = tmp_path_factory.mktemp("single")
+    root = make_tiny_sd(str(base / "sd1"), family="sd1")
+    os.makedirs(base / "files")
+    path = folder_as_single_file(root, base / "files" / "tiny-v1.safetensors")
+    place_tokenizer_in_hub_cache(os.path.join(root, "tokenizer"))
+    with pytest.MonkeyPatch.context() as mp:
+        said = []
+        mp.setattr("builtins.print", lambda *a, **k: said.append(" ".join(map(str, a))))
+        cli(["--model", path, "--out", str(base / "run")] + RUN)
+    return SimpleNamespace(root=root, file=path, run=base / "run", said="\n".join(said))
+
+
+def test_single_file_model_trains_and_exports(sd1):
+    assert "prediction type epsilon (assumed" in sd1.said and "export: " in sd1.said
+    folder = json.load(open(sd1.run / "swiftbrush.json"))["folder"]
+    for sub in ("unet", "vae"):  # unpacked exactly
+        a = load_file(os.path.join(sd1.root, sub, "diffusion_pytorch_model.safetensors"))
+        b = load_file(os.path.join(folder, sub, "diffusion_pytorch_model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+    tok, enc = load_text(sd1.root)
+    ids = tok(["a red circle"], padding="max_length", max_length=16, return_tensors="pt").input_ids
+    assert torch.equal(enc(ids).last_hidden_state, load_text(folder)[1](ids).last_hidden_state)
+    # the exported single file holds the EMA student and the teacher's VAE and text encoder, unchanged
+    parts = read_single_file(sd1.run / "export" / "student.safetensors")
+    ema = load_file(sd1.run / "unet_ema" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(parts["unet"][1][k], v) for k, v in ema.items()) and parts["unet"][1].keys() == ema.keys()
+    teacher = load_file(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
+    assert not torch.equal(ema["conv_out.weight"], teacher["conv_out.weight"])  # trained: not the teacher
+    assert read_single_file(sd1.run / "export" / "student-unet.safetensors", full=False)["vae"] is None
+
+
+def sample_args(student, model=None):
+    return SimpleNamespace(student=str(student), model=model, prediction_type=None, n=2, seed=0, teacher_steps=0,
+                           prompt=["a red circle", "a blue square"], guidance=4.5, ema=True, device="cpu",
+                           resolution=16)
+
+
+def test_exported_pipeline_is_our_one_step_generator_in_diffusers(sd1):
+    from diffusers import StableDiffusionPipeline
+    ours = sample.generate(sample_args(sd1.run))
+    pipe = StableDiffusionPipeline.from_pretrained(str(sd1.run / "export" / "pipeline"), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    for i, prompt in enumerate(["a red circle", "a blue square"]):
+        z = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(i))  # sample.py's noise at 16 px
+        theirs = pipe(prompt, num_inference_steps=1, guidance_scale=0, latents=z, num_images_per_prompt=2,
+                      height=16, width=16, output_type="pt").images
+        assert pipe.scheduler.timesteps.tolist() == [999]
+        assert rel_err(ours[i][0], theirs * 2 - 1) < 1e-4
+
+
+def test_sample_takes_every_form_of_the_student(sd1, capsys):
+    export, folder = sd1.run / "export", json.load(open(sd1.run / "swiftbrush.json"))["folder"]
+    ours = torch.cat([x for x, _ in sample.generate(sample_args(sd1.run))])
+    for student, model in ((export / "pipeline", None), (export / "student.safetensors", None),
+                           (export / "student-unet.safetensors", sd1.file), (sd1.run / "unet_ema", folder)):
+        theirs = torch.cat([x for x, _ in sample.generate(sample_args(student, model))])
+        assert rel_err(ours, theirs) < 1e-6, student
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--student", str(export / "student-unet.safetensors"), "--prompt", "a red circle"])
+    assert "UNet alone: pass --model" in str(e.value.code)
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--student", os.path.dirname(sd1.file), "--prompt", "a red circle"])
+    assert "not a swiftbrush.py run (no swiftbrush.json), an export of one" in str(e.value.code)
+
+
+def test_sd2_file_unpacks_with_its_tokenizer_and_prediction_type(tmp_path, capsys):
+    root = make_tiny_sd(str(tmp_path / "sd2"), family="sd2")
+    path = folder_as_single_file(root, tmp_path / "v2.safetensors")
+    shutil.copytree(os.path.join(root, "tokenizer"), tmp_path / "tokenizer")  # a tokenizer folder beside the file
+    eps, v = resolve_model(path), resolve_model(path, "v_prediction")
+    assert eps != v and "prediction type v_prediction" in capsys.readouterr().out
+    assert json.load(open(os.path.join(v, "scheduler", "scheduler_config.json")))["prediction_type"] == "v_prediction"
+    config = json.load(open(os.path.join(v, "unet", "config.json")))
+    assert config["upcast_attention"] and config["sample_size"] == 96 and config["use_linear_projection"]
+    tokenizer, encoder = load_text(eps)
+    assert tokenizer.pad_token == "!"  # SD 2 pads with "!", SD 1 with its end token
+    ids = tokenizer(["a red circle"], padding="max_length", max_length=16, return_tensors="pt").input_ids
+    assert torch.equal(encoder(ids).last_hidden_state, load_text(root)[1](ids).last_hidden_state)
+
+
+def test_bad_single_files_get_one_line(sd1, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("files.models.CLIP_TOKENIZER", "openai/never-fetched")  # offline: not in the hub cache
+    line = cli_error(["--model", sd1.file, "--prediction-type", "v_prediction", "--out", str(tmp_path / "out")] + RUN,
+                     capsys)
+    assert "tokenizer" in line and "openai/never-fetched" in line and "hf download" in line
+    lora = tmp_path / "lora.safetensors"
+    save_file({"lora_unet_down_blocks_0.lora_down.weight": torch.zeros(2, 2)}, str(lora))
+    pickled = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"x": SimpleNamespace()}}, pickled)
+    for model, words in ((str(tmp_path / "missing.safetensors"), "not found"), (str(lora), "LoRA"),
+                         (str(pickled), "pickle")):
+        line = cli_error(["--model", model, "--out", str(tmp_path / "out")] + RUN, capsys)
+        assert words in line, line
+    line = cli_error(["--model", sd1.root, "--prediction-type", "v_prediction", "--out", str(tmp_path / "o")] + RUN,
+                     capsys)
+    assert "single-file" in line
+    assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
+
+
+def test_export_command_raw_and_what_it_refuses(sd1, tmp_path, capsys):
+    from files import export
+    export.main([str(sd1.run), "--raw"])  # any run's checkpoint, the student as trained
+    raw = load_file(sd1.run / "unet" / "diffusion_pytorch_model.safetensors")
+    written = read_single_file(sd1.run / "export-raw" / "student-unet.safetensors", full=False)["unet"][1]
+    assert written.keys() == raw.keys() and all(torch.equal(written[k], v) for k, v in raw.items())
+    eps_run = tmp_path / "eps"
+    shutil.copytree(sd1.run, eps_run, ignore=shutil.ignore_patterns("export*"))
+    info = json.load(open(eps_run / "swiftbrush.json"))
+    json.dump({**info, "param": "eps"}, open(eps_run / "swiftbrush.json", "w"))
+    assert export.export_one_step(str(eps_run)) is None and "eps student" in capsys.readouterr().out
+    assert not (eps_run / "export").exists()
+    with pytest.raises(SystemExit) as e:
+        export.main([str(tmp_path)])
+    assert "not a swiftbrush.py output folder" in str(e.value.code)
