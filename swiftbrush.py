@@ -71,6 +71,7 @@ class Config:
     sample_every: int = 500
     diagnose_every: int = 500      # log the LoRA teacher's and the teacher's eps-MSE on the student's samples
     device: str = None             # default: cuda if available
+    precision: str = None          # bf16: the GPU recipe (default on CUDA) | fp32 (default on the CPU); see start_training
 
 
 # ==================================================================================================
@@ -136,7 +137,7 @@ class Models:
 def f_theta(student, z, context, schedule, param="x0"):
     """The one-step generator. Eq. 7 (x0): f = (z - sigma_T eps_theta(z, T, y)) / alpha_T, with x_T = z."""
     T = torch.full((z.shape[0],), schedule.T - 1, device=z.device, dtype=torch.long)
-    eps_theta = schedule.eps(student(z, T, context), z, T)
+    eps_theta = schedule.eps(student(z, T, context).float(), z.float(), T)  # fp32 even under bf16 autocast
     if param == "eps":  # the ablation: the student's eps is the image (for an eps model, its raw output)
         return eps_theta
     alpha_T, sigma_T = schedule.at(T, z)
@@ -281,10 +282,10 @@ def load_models(cfg, device):
 
 def start_training(cfg, m, device):
     """Freeze the teacher, give it the LoRA of eps_phi, make the optimisers, the EMA and the loop's RNG: `state`."""
-    cuda = device.type == "cuda"
-    m.teacher.requires_grad_(False).to(device, torch.bfloat16 if cuda else torch.float32)
+    bf16 = uses_bf16(cfg.precision, device)  # the GPU recipe: bf16 teacher and autocast, gradient checkpointing
+    m.teacher.requires_grad_(False).to(device, torch.bfloat16 if bf16 else torch.float32)
     m.student.requires_grad_(True).to(device, torch.float32).train()  # fp32 master weights: lr 1e-6 vanishes in bf16
-    m.teacher.gradient_checkpointing = m.student.gradient_checkpointing = cuda
+    m.teacher.gradient_checkpointing = m.student.gradient_checkpointing = bf16
     opt_lora = None
     if cfg.loss == "vsd":  # SDS has no LoRA teacher
         torch.manual_seed(cfg.seed)  # the LoRA's initialisation
@@ -312,9 +313,14 @@ def update_ema(ema, student, decay):
         ema[k].lerp_(v.detach().float().cpu(), 1 - decay)
 
 
-def autocast_for(device):
-    """bf16 autocast on CUDA; plain fp32 on the CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def uses_bf16(precision, device):
+    """--precision, by default bf16 on CUDA and fp32 on the CPU (where bf16 runs too, to test the GPU recipe)."""
+    return (precision or ("bf16" if device.type == "cuda" else "fp32")) == "bf16"
+
+
+def autocast_for(device, precision=None):
+    """bf16 autocast for the bf16 recipe, else plain fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if uses_bf16(precision, device) else nullcontext()
 
 
 @torch.no_grad()
@@ -325,7 +331,7 @@ def student_samples(m, cfg, n_prompts=4, n_seeds=2):
     rows = []
     for seed in range(n_seeds):
         z = torch.randn((len(context), *m.latent_shape), generator=torch.Generator().manual_seed(seed)).to(device)
-        with autocast_for(device):
+        with autocast_for(device, cfg.precision):
             rows.append(to_images(m.vae, f_theta(m.student, z, context, m.schedule, cfg.param)))
     return rows
 
@@ -369,7 +375,7 @@ def train(cfg, models=None, progress=True):
     truncate_log(log_path, state["step"])  # steps logged after the checkpoint (a crash) are redone
     write_run_info(cfg, m)
 
-    autocast = autocast_for(device)
+    autocast = autocast_for(device, cfg.precision)
     with tqdm(total=cfg.steps, initial=state["step"], disable=not progress, desc=f"{cfg.loss}-{cfg.param}",
               dynamic_ncols=True) as bar, open(log_path, "a") as log, ctrl_c_finishes_the_step(cfg.out) as ctrl_c:
         while state["step"] < cfg.steps and not ctrl_c:

@@ -3,6 +3,7 @@ student, Eq. 5 / Eq. 2 gradients and their surrogate loss, the loop (what change
 the score diagnostics, export, sampling, text encoding and the layout. diffusers serves as the oracle. The tool
 around the method (CLI, kills, hub, ablation) is tested in files/test_tool.py."""
 import json
+import math
 import os
 
 import numpy as np
@@ -14,7 +15,7 @@ from safetensors.torch import load_file
 import lora
 import sample
 import swiftbrush as sb
-from conftest import CPU, UNET_FILE, assert_same_ckpt, inputs, read_ckpt, read_log, rel_err, run
+from conftest import BASE, CPU, UNET_FILE, assert_same_ckpt, inputs, read_ckpt, read_log, rel_err, run
 from files import models
 from unet import WeightsError, load_unet
 
@@ -403,3 +404,51 @@ def test_layout_and_one_way_imports():
              and any(isinstance(n, ast.ImportFrom) and n.module.startswith("miniature")
              or isinstance(n, ast.Import) and n.names[0].name.startswith("miniature") for n in ast.walk(f))}
     assert users == {"miniature_package"}
+
+
+# --------------------------------------------------------------------------------------------------
+# The GPU recipe (--precision bf16: bf16 teacher and autocast, fp32 student, gradient checkpointing) on the CPU
+
+
+@pytest.mark.parametrize("loss,param", [("vsd", "x0"), ("vsd", "eps"), ("sds", "x0"), ("sds", "eps")])
+def test_bf16_recipe_trains_on_the_cpu(sd_root, tmp_path, loss, param):
+    teacher = load_unet(sd_root).to(torch.bfloat16).state_dict()
+    m, state, log = run(sd_root, tmp_path, 2, loss=loss, param=param, precision="bf16")
+    assert all(math.isfinite(r["loss_student"]) for r in log) and len(log) == 2
+    assert all(p.dtype == torch.float32 for p in m.student.parameters())  # fp32 master weights
+    assert m.student.gradient_checkpointing and m.teacher.gradient_checkpointing
+    base = {k: v for k, v in m.teacher.state_dict().items() if ".lora_" not in k}
+    assert base.keys() == teacher.keys() and all(torch.equal(v, teacher[k]) for k, v in base.items())
+    assert not torch.equal(m.student.conv_out.weight, load_unet(sd_root).conv_out.weight)  # it trained
+
+
+def test_bf16_first_gradient_is_close_to_fp32s(sd_root):
+    grads = {}
+    for precision in ("fp32", "bf16"):
+        cfg = sb.Config(model=sd_root, loss="sds", precision=precision, **BASE)
+        m = sb.load_models(cfg, CPU)
+        state = sb.start_training(cfg, m, CPU)
+        with sb.autocast_for(CPU, precision):
+            x0, context = sb.render(m, cfg, state)
+            g = sb.score_gradient(m, cfg, x0.detach(), context, state["gen"])
+        assert x0.dtype == torch.float32  # Eq. 7 in fp32, on the output layer's fp32 eps
+        sb.surrogate_loss(x0, g).backward()
+        grads[precision] = torch.cat([p.grad.flatten() for p in m.student.parameters()])
+    assert 0 < rel_err(grads["fp32"], grads["bf16"]) < 0.05  # measured: 0.011 (cosine 0.9997)
+
+
+def test_bf16_resume_is_exact_and_exports_fp32(sd_root, tmp_path):
+    run(sd_root, tmp_path / "straight", 4, precision="bf16")
+    run(sd_root, tmp_path / "resumed", 2, precision="bf16")
+    run(sd_root, tmp_path / "resumed", 4, precision="bf16")
+    assert_same_ckpt(tmp_path / "straight" / "checkpoint.safetensors", tmp_path / "resumed" / "checkpoint.safetensors")
+    exported = load_file(str(tmp_path / "straight" / "unet_ema" / "diffusion_pytorch_model.safetensors"))
+    assert all(v.dtype == torch.float32 for v in exported.values())
+
+
+def test_output_layer_runs_in_its_weights_dtype_under_autocast(sd_root):
+    x, ctx = inputs(seed=3)
+    student, teacher = load_unet(sd_root), load_unet(sd_root).to(torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert student(x, 999, ctx).dtype == torch.float32  # the eps Eq. 7 multiplies by sigma_T / alpha_T
+        assert teacher(x, 999, ctx).dtype == torch.bfloat16

@@ -49,6 +49,8 @@ def parse_args(argv, description, defaults):
         p.add_argument("--" + name.replace("_", "-"), type=kind, help=f"default {getattr(defaults, name)}")
     p.add_argument("--lora-targets", help=f"comma-separated Linear names to adapt (default {defaults.lora_targets})")
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--precision", choices=["bf16", "fp32"],
+                   help="bf16: the GPU recipe, also on the CPU (default on CUDA) | fp32 (default on the CPU)")
     p.add_argument("--resume", action="store_true", default=False,
                    help="continue the checkpoint in --out if there is one, else start at step 0")
     p.add_argument("--ablation", action="store_true", default=False,
