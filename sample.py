@@ -18,7 +18,7 @@ import torch
 
 from files.images import save_grid
 from files.models import (SINGLE_FILE, UsageError, encode_prompts, latent_shape, load_text, resolve_model,
-                          scheduler_config)
+                          run_teacher, scheduler_config)
 from files.single_file import is_full_checkpoint, read_single_file
 from swiftbrush import Schedule, autocast_for, eps_cfg, f_theta
 from unet import UNet, WeightsError, load_unet
@@ -67,7 +67,7 @@ def load_student(a):
         with open(os.path.join(path, "swiftbrush.json")) as f:
             info = json.load(f)
         sub = "unet_ema" if a.ema and os.path.isdir(os.path.join(path, "unet_ema")) else "unet"
-        return load_unet(os.path.join(path, sub)), info["param"], model or info["folder"], info["latent_shape"]
+        return load_unet(os.path.join(path, sub)), info["param"], model or run_teacher(info), info["latent_shape"]
     if a.teacher_steps and model is None:
         raise UsageError(f"--teacher-steps with --student {path}: pass --model, the teacher to sample")
     if os.path.exists(os.path.join(path, "model_index.json")):  # an exported pipeline: the student and its parts

@@ -19,7 +19,7 @@ import sys
 
 from safetensors.torch import load_file
 
-from files.models import UsageError, load_text, scheduler_config
+from files.models import UsageError, load_text, run_teacher, scheduler_config
 from files.single_file import EXTRA_FILE, write_single_file
 from unet import WeightsError
 from vae import load_vae
@@ -40,9 +40,11 @@ def export_one_step(run, raw=False):
     printed when the run's student is not a one-step Stable Diffusion model other tools can run."""
     with open(os.path.join(run, "swiftbrush.json")) as f:
         info = json.load(f)
-    teacher, unet_dir = info["folder"], os.path.join(run, "unet" if raw else "unet_ema")
+    teacher, unet_dir = run_teacher(info), os.path.join(run, "unet" if raw else "unet_ema")
     if not os.path.isdir(unet_dir):  # trained without an EMA
         unet_dir = os.path.join(run, "unet")
+    if not os.path.isdir(unet_dir):
+        raise UsageError(f"{run} has no exported student yet (it stopped before its first checkpoint): --resume it")
     if info["param"] != "x0":
         print("export: an eps student (--param eps) outputs its image without Eq. 7, which other tools always apply: "
               "only its unet/ folder is written")
@@ -53,17 +55,21 @@ def export_one_step(run, raw=False):
     out = os.path.join(run, "export-raw" if raw else "export")
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    write_pipeline(unet_dir, teacher, os.path.join(tmp, "pipeline"))
-    unet = load_file(os.path.join(unet_dir, "diffusion_pytorch_model.safetensors"))
-    vae = load_vae(os.path.join(teacher, "vae")).state_dict()
-    text = load_text(teacher)[1]
-    family = "sd1" if text.config.hidden_act == "quick_gelu" else "sd2"  # SD 2's OpenCLIP uses gelu
-    extra = os.path.join(teacher, EXTRA_FILE)  # OpenCLIP's last block, when the teacher was a single file
-    extra = load_file(extra) if os.path.exists(extra) else None
-    write_single_file(os.path.join(tmp, "student.safetensors"), unet, vae, text.state_dict(), family, extra)
-    write_single_file(os.path.join(tmp, "student-unet.safetensors"), unet, family=family)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)  # whole or not at all
+    try:
+        write_pipeline(unet_dir, teacher, os.path.join(tmp, "pipeline"))
+        unet = load_file(os.path.join(unet_dir, "diffusion_pytorch_model.safetensors"))
+        vae = load_vae(os.path.join(teacher, "vae")).state_dict()
+        text = load_text(teacher)[1]
+        family = "sd1" if text.config.hidden_act == "quick_gelu" else "sd2"  # SD 2's OpenCLIP uses gelu
+        extra = os.path.join(teacher, EXTRA_FILE)  # OpenCLIP's last block, when the teacher was a single file
+        extra = load_file(extra) if os.path.exists(extra) else None
+        said = {"prediction_type": scheduler_config(teacher).get("prediction_type", "epsilon")}  # not in tensors
+        write_single_file(os.path.join(tmp, "student.safetensors"), unet, vae, text.state_dict(), family, extra, said)
+        write_single_file(os.path.join(tmp, "student-unet.safetensors"), unet, family=family, metadata=said)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)  # whole or not at all
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -76,6 +82,10 @@ def write_pipeline(unet_dir, teacher, folder):
         os.makedirs(os.path.join(folder, part))
         for name in os.listdir(src):
             source, target = os.path.realpath(os.path.join(src, name)), os.path.join(folder, part, name)
+            if not name.endswith((".safetensors", ".bin")):  # configs are copied: editing them must not touch
+                shutil.copy2(source, target)                  # the teacher's files or the hub cache
+                continue
+            target = target.replace(".fp16.", ".")  # an fp16-only teacher: diffusers finds it without `variant`
             try:
                 os.link(source, target)
             except OSError:

@@ -125,9 +125,10 @@ def unpack_single_file(path, prediction_type=None):
     """The folder of an SD 1.x/2.x single file, written into the cache on first use (keyed by the file's path, size,
     time and the prediction type), so every loader reads it like any other folder. The file says neither its
     prediction type (default epsilon: SD 1.x, 2.x-base; SD 2.x-768 is v_prediction) nor its tokenizer."""
-    from files.single_file import read_single_file, write_folder
+    from files.single_file import file_metadata, read_single_file, write_folder
     if not os.path.isfile(path):
         raise WeightsError(f"{path} not found; pass the path of a Stable Diffusion single-file checkpoint")
+    prediction_type = prediction_type or file_metadata(path).get("prediction_type")  # our exports say it
     v = prediction_type == "v_prediction"  # SD 2.x-768: 768 px, attention upcast to fp32 (its config)
     stat = os.stat(path)
     key = json.dumps([os.path.realpath(path), stat.st_size, stat.st_mtime_ns, prediction_type or "epsilon"])
@@ -152,6 +153,13 @@ def unpack_single_file(path, prediction_type=None):
             shutil.rmtree(tmp, ignore_errors=True)
     print(f"model: {path}, prediction type {said}")
     return folder
+
+
+def run_teacher(info):
+    """The teacher folder a run recorded (swiftbrush.json); a single file's is unpacked again if the cache lost it."""
+    if not os.path.isdir(info["folder"]) and info["model"].lower().endswith(SINGLE_FILE):
+        return unpack_single_file(info["model"], info["config"].get("prediction_type"))
+    return info["folder"]
 
 
 def clip_tokenizer(family, beside):

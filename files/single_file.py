@@ -61,7 +61,10 @@ VAE = [  # {c}: encoder or decoder
     (None, "loss."),  # the autoencoder's training loss, carried by a few files
 ]
 CLIP = [(None, "text_model.embeddings.position_ids"),  # a buffer, not a weight, in current transformers
-        ("text_model.", "text_model.")]
+        ("text_model.", "text_model."),
+        (None, "embeddings.position_ids"),  # files from transformers < 4.x name the rest without `text_model.`
+        ("text_model.embeddings.", "embeddings."), ("text_model.encoder.", "encoder."),
+        ("text_model.final_layer_norm.", "final_layer_norm.")]
 OPENCLIP_LAYER = [("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."), ("mlp.fc1.", "mlp.c_fc."),
                   ("mlp.fc2.", "mlp.c_proj."), ("self_attn.out_proj.", "attn.out_proj."),
                   ("self_attn.qkv_proj.", "attn.in_proj_")]  # q, k, v stacked: see fuse_qkv / split_qkv
@@ -74,7 +77,8 @@ OPENCLIP = [
 ]
 PARTS = {"unet": ("model.diffusion_model.", UNET), "vae": ("first_stage_model.", VAE),
          "sd1": ("cond_stage_model.transformer.", CLIP), "sd2": ("cond_stage_model.model.", OPENCLIP)}
-OPENCLIP_ALL_BLOCKS = {"openclip_blocks_used": "all"}  # metadata of an SD 2 file written without the last block
+UNUSED_OPENCLIP_BLOCK = "transformer.resblocks.23."  # ViT-H's last block: SD 2 conditions on the penultimate layer,
+# so diffusers (and we) never load it; files written without it (ours, diffusers' script) read the same
 
 
 def renumber(fields, to_original, blocks, layers, up_attention):
@@ -196,7 +200,7 @@ def to_original(unet=None, vae=None, text=None, family="sd1"):
     return out
 
 
-def from_original(sd, family=None, all_openclip_blocks=False):
+def from_original(sd, family=None):
     """One original-layout dict -> dict(family, unet, vae, text, extra): our state dicts (None when absent) and the
     original tensors we do not use (schedule buffers, EMA copies, OpenCLIP's last block and head, ...)."""
     check_is_sd(sd)
@@ -210,10 +214,8 @@ def from_original(sd, family=None, all_openclip_blocks=False):
     for name, part in (("unet", "unet"), ("vae", "vae"), ("text", family)):
         prefix = PARTS[part][0]
         mine = {k[len(prefix):]: extra.pop(k) for k in list(extra) if k.startswith(prefix)}
-        if part == "sd2" and mine and not all_openclip_blocks:
-            # SD 2 conditions on OpenCLIP's penultimate layer, so diffusers' text encoder stops one block early
-            last = max(_indices(mine, r"transformer\.resblocks\.(\d+)\."), default=0)
-            extra |= {prefix + k: mine.pop(k) for k in list(mine) if k.startswith(f"transformer.resblocks.{last}.")}
+        if part == "sd2":
+            extra |= {prefix + k: mine.pop(k) for k in list(mine) if k.startswith(UNUSED_OPENCLIP_BLOCK)}
         if not mine:
             result[name] = None
             continue
@@ -329,7 +331,12 @@ def read_single_file(path, full=True, upcast_attention=False, sample_size=64):
     """Read an original SD 1.x/2.x checkpoint: dict(family, unet=(config, sd), vae=(config, sd) or None,
     text=(config, sd) or None, extra). `upcast_attention=True, sample_size=96` for SD 2.x-768 (not in the file)."""
     sd, meta = load_tensors(path)
-    parts = from_original(sd, meta.get("family"), meta.get("openclip_blocks_used") == "all")
+    parts = from_original(sd, meta.get("family"))
+    unet = parts["unet"]
+    if parts["vae"] is not None and unet["conv_in.weight"].shape[1] != parts["vae"]["decoder.conv_in.weight"].shape[1]:
+        raise WeightsError(f"{path}: its UNet takes {unet['conv_in.weight'].shape[1]} input channels, not the VAE's "
+                           f"latents alone: an inpainting, depth or instruct model, not a text-to-image one; use the "
+                           f"base checkpoint")
     missing = [name for p, name in (("vae", "VAE (first_stage_model.*)"), ("text", "text encoder (cond_stage_model.*)"))
                if parts[p] is None]
     if full and missing:
@@ -341,9 +348,10 @@ def read_single_file(path, full=True, upcast_attention=False, sample_size=64):
     return parts | {p: None if parts[p] is None else (configs[p](parts[p]), parts[p]) for p in configs}
 
 
-def write_single_file(path, unet, vae=None, text=None, family="sd1", extra=None):
+def write_single_file(path, unet, vae=None, text=None, family="sd1", extra=None, metadata=None):
     """Write our parts as one original-layout .safetensors file (UNet-only when vae/text are None), atomically.
-    `extra`: original tensors to carry over, e.g. `read_single_file(teacher)["extra"]` (OpenCLIP's last block)."""
+    `extra`: original tensors to carry over, e.g. `read_single_file(teacher)["extra"]` (OpenCLIP's last block);
+    `metadata`: strings for the file's header, e.g. its prediction_type, which the tensors cannot say."""
     path = str(path)
     if not path.endswith(".safetensors"):
         raise WeightsError(f"{path}: write a .safetensors file (a .ckpt is a pickle, which we never write)")
@@ -354,10 +362,7 @@ def write_single_file(path, unet, vae=None, text=None, family="sd1", extra=None)
         raise WeightsError(f"{len(clash)} extra tensors would overwrite or add to the UNet/VAE/text weights being "
                            f"written (e.g. {clash[0]}); pass only tensors the parts do not hold")
     sd |= extra
-    meta = {"format": "pt", "family": family}
-    prefix = PARTS["sd2"][0] + "transformer.resblocks."
-    if family == "sd2" and text is not None and not any(k.startswith(prefix) for k in extra):
-        meta |= OPENCLIP_ALL_BLOCKS  # no last block to drop: tell our reader to keep every block
+    meta = {"format": "pt", "family": family, **(metadata or {})}
     try:
         save_file({k: v.contiguous() for k, v in sd.items()}, path + ".tmp", metadata=meta)
         os.replace(path + ".tmp", path)
@@ -391,14 +396,26 @@ def write_folder(parts, folder, prediction_type):
     save_file(text, os.path.join(folder, EXTRA_FILE), {"family": parts["family"]})
 
 
+def file_metadata(path):
+    """The header metadata of a .safetensors file ({} for other files or none)."""
+    if not str(path).endswith(".safetensors"):
+        return {}
+    try:
+        with safe_open(path, "pt") as f:
+            return f.metadata() or {}
+    except Exception:
+        return {}  # read_single_file says what is wrong with the file
+
+
 def is_full_checkpoint(path):
     """True if the file holds a VAE and a text encoder besides the UNet (read from its key names only)."""
     if str(path).endswith(".safetensors") and os.path.isfile(path):
         try:
             with safe_open(path, "pt") as f:
                 keys = list(f.keys())
-        except Exception:
-            return False  # read_single_file says what is wrong with it
+        except Exception as e:
+            raise WeightsError(f"cannot read {path} ({type(e).__name__}); the file is corrupt or truncated: download "
+                               f"it again") from None
     else:
         keys = list(load_tensors(path)[0])
     return all(any(k.startswith(p) for k in keys) for p in (PARTS["vae"][0], "cond_stage_model."))

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 import sample
 from conftest import cli, cli_error, rel_err
 from files.models import CLIP_TOKENIZER, load_text, resolve_model
-from files.single_file import read_single_file, write_single_file
+from files.single_file import file_metadata, read_single_file, write_single_file
 from parity.tiny_sd import make_tiny_sd
 from unet import load_unet
 from vae import load_vae
@@ -159,3 +159,27 @@ def test_export_command_raw_and_what_it_refuses(sd1, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         export.main([str(tmp_path)])
     assert "not a swiftbrush.py output folder" in str(e.value.code)
+
+
+def test_a_v_prediction_students_exports_say_so(tmp_path):
+    root = make_tiny_sd(str(tmp_path / "v"), family="sd1", pred="v_prediction")
+    run = tmp_path / "run"
+    cli(["--model", root, "--out", str(run)] + RUN)
+    exported = run / "export" / "student.safetensors"
+    assert read_single_file(exported)["unet"] and file_metadata(exported)["prediction_type"] == "v_prediction"
+    ours = torch.cat([x for x, _ in sample.generate(sample_args(run))])
+    theirs = torch.cat([x for x, _ in sample.generate(sample_args(exported))])  # no --prediction-type needed
+    assert rel_err(ours, theirs) < 1e-6
+
+
+def test_a_run_survives_its_unpacked_teacher_being_deleted_and_export_needs_a_checkpoint(sd1, tmp_path, capsys):
+    ours = torch.cat([x for x, _ in sample.generate(sample_args(sd1.run))])
+    shutil.rmtree(json.load(open(sd1.run / "swiftbrush.json"))["folder"])  # the cache was cleared
+    assert rel_err(ours, torch.cat([x for x, _ in sample.generate(sample_args(sd1.run))])) < 1e-6
+    early = tmp_path / "early"  # a run killed before its first checkpoint: swiftbrush.json, no unet/ yet
+    os.makedirs(early)
+    shutil.copy(sd1.run / "swiftbrush.json", early / "swiftbrush.json")
+    with pytest.raises(SystemExit) as e:
+        from files import export
+        export.main([str(early)])
+    assert "no exported student yet" in str(e.value.code) and os.listdir(early) == ["swiftbrush.json"]

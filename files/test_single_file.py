@@ -104,12 +104,12 @@ def test_round_trip(family, tmp_path):
     # With the teacher's extra tensors (an SD 2 file's 24th block): written back as they came, and read again the
     # same way, so teacher file -> parts -> student file keeps everything the original tools expect.
     orig, meta = file_tensors(path)
-    assert (meta.get("openclip_blocks_used") == "all") == (family == "sd2")  # no 24th block: keep all on read
+    save_file(orig, path)  # without our metadata, as diffusers' script or ComfyUI write a 23-block SD 2 file
+    assert_same(sf.read_single_file(path)["text"][1], text)  # every block read: only a block 23 is SD 2's unused one
     extra = last_block(orig) if family == "sd2" else {"alphas_cumprod": torch.rand(1000)}
     sf.write_single_file(path, unet, vae, text, family, extra=extra)
     full, meta = file_tensors(path)
     assert_same(full, orig | extra)
-    assert "openclip_blocks_used" not in meta
     got = sf.read_single_file(path)
     assert_same(got["text"][1], text)
     assert_same(got["extra"], extra)
@@ -303,6 +303,9 @@ def write_bad(kind, path):
         torch.save({"state_dict": {"model.diffusion_model.conv_in.weight": torch.ones(1)}, "obj": NotATensor()}, path)
     elif kind == "empty":
         save_file({}, path)
+    elif kind == "inpainting":  # 4 latent + 4 masked-image + 1 mask channels
+        conv_in = "model.diffusion_model.input_blocks.0.0.weight"
+        save_file(orig | {conv_in: torch.cat([orig[conv_in]] * 3, dim=1)[:, :9].contiguous()}, path)
 
 
 BAD = [("sdxl", ".safetensors", "SDXL"), ("lora_kohya", ".safetensors", "LoRA"), ("lora_peft", ".safetensors", "LoRA"),
@@ -311,7 +314,7 @@ BAD = [("sdxl", ".safetensors", "SDXL"), ("lora_kohya", ".safetensors", "LoRA"),
        ("unet_only", ".safetensors", "full checkpoint"), ("sdxl_unet_keys", ".safetensors", "label_emb"),
        ("truncated", ".safetensors", "corrupt or truncated"), ("corrupt_ckpt", ".ckpt", "corrupt or truncated"),
        ("pickle_code", ".ckpt", "pickled code"), ("missing", ".safetensors", "not found"),
-       ("unknown_extension", ".onnx", "unknown extension")]
+       ("unknown_extension", ".onnx", "unknown extension"), ("inpainting", ".safetensors", "inpainting")]
 
 
 @pytest.mark.parametrize("kind,ext,words", BAD, ids=[b[0] for b in BAD])
@@ -338,3 +341,12 @@ def test_bad_write(args, words, tmp_path):
         sf.write_single_file(**args)
     assert words in str(e.value) and "\n" not in str(e.value)
     assert os.listdir(tmp_path) == []
+
+
+def test_sd1_text_keys_without_text_model_prefix_read_the_same(tmp_path):
+    """Files saved from older transformers name SD 1's text encoder `cond_stage_model.transformer.encoder.*`."""
+    unet, vae, text = parts("sd1")
+    old = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v
+           for k, v in sf.to_original(unet, vae, text, "sd1").items()}
+    save_file(old, str(tmp_path / "old.safetensors"))
+    assert_same(sf.read_single_file(str(tmp_path / "old.safetensors"))["text"][1], text)
