@@ -4,7 +4,7 @@
   and tokenizer) whose scheduler makes one step exactly Eq. 7: `pipe(prompt, num_inference_steps=1,
   guidance_scale=0)`;
 - `student.safetensors`: an original single file (UNet, VAE, text encoder) that A1111, ComfyUI and Forge load as a
-  checkpoint; `student-unet.safetensors`: the UNet alone, in the same layout.
+  checkpoint; `student-unet.safetensors`: the UNet alone, in the same layout. Both in the teacher's stored dtype.
 
 Written into RUN/export (the student's EMA) at the end of training, and by this command for any run's checkpoint:
 
@@ -17,11 +17,13 @@ import os
 import shutil
 import sys
 
+import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from files.models import UsageError, load_text, run_teacher, scheduler_config
 from files.single_file import EXTRA_FILE, write_single_file
-from unet import WeightsError
+from unet import WEIGHT_FILES, WeightsError
 from vae import load_vae
 
 # One DDIM step with this is Eq. 7: "trailing" puts it at t = 999 (the default "leading" with steps_offset 1 would
@@ -64,13 +66,29 @@ def export_one_step(run, raw=False):
         extra = os.path.join(teacher, EXTRA_FILE)  # OpenCLIP's last block, when the teacher was a single file
         extra = load_file(extra) if os.path.exists(extra) else None
         said = {"prediction_type": scheduler_config(teacher).get("prediction_type", "epsilon")}  # not in tensors
-        write_single_file(os.path.join(tmp, "student.safetensors"), unet, vae, text.state_dict(), family, extra, said)
+        dtype = stored_dtype(teacher)  # an fp16 teacher gives an fp16 file: half the disk, as the tools expect
+        unet, vae, text = cast(unet, dtype), cast(vae, dtype), cast(text.state_dict(), dtype)
+        write_single_file(os.path.join(tmp, "student.safetensors"), unet, vae, text, family, extra, said)
         write_single_file(os.path.join(tmp, "student-unet.safetensors"), unet, family=family, metadata=said)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)  # whole or not at all
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def stored_dtype(teacher):
+    """The dtype of the teacher's stored UNet weights (fp16 for most single files people hold)."""
+    for name in WEIGHT_FILES:
+        path = os.path.join(teacher, "unet", name)
+        if name.endswith(".safetensors") and os.path.exists(path):
+            with safe_open(path, "pt") as f:
+                return f.get_tensor(next(iter(f.keys()))).dtype
+    return torch.float32
+
+
+def cast(state_dict, dtype):
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
 
 
 def write_pipeline(unet_dir, teacher, folder):

@@ -183,3 +183,15 @@ def test_a_run_survives_its_unpacked_teacher_being_deleted_and_export_needs_a_ch
         from files import export
         export.main([str(early)])
     assert "no exported student yet" in str(e.value.code) and os.listdir(early) == ["swiftbrush.json"]
+
+
+def test_an_fp16_teacher_gives_fp16_single_files(sd1, tmp_path):
+    root = str(tmp_path / "fp16")
+    shutil.copytree(sd1.root, root)
+    weights = os.path.join(root, "unet", "diffusion_pytorch_model.safetensors")
+    save_file({k: v.half() for k, v in load_file(weights).items()}, weights)
+    cli(["--model", root, "--out", str(tmp_path / "run")] + RUN)
+    export = tmp_path / "run" / "export"
+    assert {v.dtype for v in load_file(export / "student.safetensors").values()} == {torch.float16}
+    assert {v.dtype for v in load_file(export / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").values()} \
+        == {torch.float32}  # the pipeline keeps the trained fp32 weights: sample.py's image to 1e-4
