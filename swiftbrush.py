@@ -26,6 +26,7 @@ from files.checkpoint import (CheckpointError, check_out_folder, ctrl_c_finishes
                               read_log, save_checkpoint, truncate_log, write_run_info)
 from files.export import export_one_step
 from files.images import save_grid
+from files.memory import memory_plan, peak_gb, write_memory_plan
 from files.models import (UsageError, encode_text, latent_shape, pick_model, read_prompts,
                           resolve_model, scheduler_config)
 from files.report import LOSS_COLUMNS, Report, loss_numbers
@@ -71,7 +72,7 @@ class Config:
     sample_every: int = 500
     diagnose_every: int = 500      # log the LoRA teacher's and the teacher's eps-MSE on the student's samples
     device: str = None             # default: cuda if available
-    precision: str = None          # bf16: the GPU recipe (default on CUDA) | fp32 (default on the CPU); see start_training
+    precision: str = None          # bf16: the GPU recipe (default on CUDA) | fp32 (default on the CPU)
 
 
 # ==================================================================================================
@@ -374,6 +375,7 @@ def train(cfg, models=None, progress=True):
     log_path = os.path.join(cfg.out, "log.jsonl")
     truncate_log(log_path, state["step"])  # steps logged after the checkpoint (a crash) are redone
     write_run_info(cfg, m)
+    write_memory_plan(memory_plan(m, state), cfg.out)
 
     autocast = autocast_for(device, cfg.precision)
     with tqdm(total=cfg.steps, initial=state["step"], disable=not progress, desc=f"{cfg.loss}-{cfg.param}",
@@ -384,7 +386,8 @@ def train(cfg, models=None, progress=True):
             state["step"] += 1
             if state["ema"] is not None and state["step"] % EMA_EVERY == 0:
                 update_ema(state["ema"], m.student, cfg.ema_decay ** EMA_EVERY)
-            logs = {"step": state["step"], **logs, "sec_per_step": round(time.time() - t0, 4)}
+            logs = {"step": state["step"], **logs, "sec_per_step": round(time.time() - t0, 4),
+                    "peak_gb": peak_gb(device)}
             if cfg.diagnose_every and state["step"] % cfg.diagnose_every == 0:
                 with autocast:
                     logs.update(score_errors(m, cfg))

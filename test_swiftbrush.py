@@ -2,6 +2,7 @@
 student, Eq. 5 / Eq. 2 gradients and their surrogate loss, the loop (what changes and what must not), exact resume,
 the score diagnostics, export, sampling, text encoding and the layout. diffusers serves as the oracle. The tool
 around the method (CLI, kills, hub, ablation) is tested in files/test_tool.py."""
+import copy
 import json
 import math
 import os
@@ -17,7 +18,7 @@ import sample
 import swiftbrush as sb
 from conftest import BASE, CPU, UNET_FILE, assert_same_ckpt, inputs, read_ckpt, read_log, rel_err, run
 from files import models
-from unet import WeightsError, load_unet
+from unet import UNet, WeightsError, load_unet
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -452,3 +453,22 @@ def test_output_layer_runs_in_its_weights_dtype_under_autocast(sd_root):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert student(x, 999, ctx).dtype == torch.float32  # the eps Eq. 7 multiplies by sigma_T / alpha_T
         assert teacher(x, 999, ctx).dtype == torch.bfloat16
+
+
+def test_memory_plan_of_full_size_sd21_base_is_the_readmes_table(sd_root):
+    import re
+    from types import SimpleNamespace
+    from files.memory import memory_plan
+    from parity.test_sd import SD21_BASE
+    with torch.device("meta"):
+        teacher = UNet(json.loads(json.dumps(SD21_BASE)))
+    m = SimpleNamespace(teacher=teacher, student=copy.deepcopy(teacher), embeddings=torch.zeros(12, 77, 1024),
+                        prompts=["a cat"] * 12)
+    state = sb.start_training(sb.Config(model=sd_root, precision="bf16", ema_decay=0), m, torch.device("meta"))
+    plan = memory_plan(m, {**state, "ema": {}})  # the EMA cannot be copied off the meta device: count it anyway
+    readme = open(os.path.join(os.path.dirname(sb.__file__), "README.md")).read()
+    table = readme[readme.index("| what | precision | GB |"):].split("\n\n")[0]
+    rows = [line.split("|")[-2].strip() for line in table.splitlines()[2:7]]  # the five states' GB
+    assert list(plan["device"].values()) == [float(r) for r in rows]
+    assert f"**{plan['device states in all']:.1f}**" in table  # 15.7
+    assert plan["cpu"]["EMA of the student"] == 3.46 and "the EMA (fp32, 3.46 GB, on the CPU)" in readme
