@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -88,21 +89,26 @@ def load_student(a):
     return load_unet(path), "x0", model, None
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def model_flags(p):
+    """The flags that say what to sample and how, shared with `python -m evaluation`."""
     p.add_argument("--student", help="output folder of swiftbrush.py, or an export of one (one-step generation)")
     p.add_argument("--model", help="Stable Diffusion folder, hub id or single file (teacher); default: the student's")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
                    help="a single file's, which the file does not say (default epsilon: SD 1.x, 2.x-base)")
-    p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts (one grid row each)")
-    p.add_argument("--n", type=int, default=1, help="images per prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resolution", type=int, help="pixels (default: the run's; else the model's, e.g. 512 for SD 2.1-base)")
-    p.add_argument("--teacher-steps", type=int, default=0, help="also (or only) sample the teacher with N DDIM steps")
+    p.add_argument("--teacher-steps", type=int, default=0, help="the teacher (--model) with N DDIM steps + CFG")
     p.add_argument("--guidance", type=float, default=4.5, help="the teacher's CFG scale")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the student's EMA weights")
-    p.add_argument("--out", default="sample.png")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model_flags(p)
+    p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts (one grid row each)")
+    p.add_argument("--n", type=int, default=1, help="images per prompt")
+    p.add_argument("--out", default="sample.png")
     a = p.parse_args(argv)
     if not a.student and not (a.model and a.teacher_steps):
         p.error("give --student OUT_DIR, or --model FOLDER with --teacher-steps N")
@@ -117,7 +123,23 @@ def main(argv=None):
     print(a.out)
 
 
-def generate(a):
+@dataclass
+class Generator:
+    """What images are sampled with: the student (one step) and/or the teacher (DDIM + CFG), the VAE, the text."""
+    student: UNet              # None: the teacher alone
+    param: str                 # the student's output: x0 (Eq. 7) or eps
+    teacher: UNet              # None unless --teacher-steps
+    vae: object                # None: pixel space (the miniature)
+    schedule: Schedule
+    tokenizer: object
+    encoder: object            # the text encoder, on the device
+    uncond: torch.Tensor       # text states of "" (CFG's unconditional branch)
+    latent_shape: tuple        # (C, H, W) of x_0
+    device: torch.device
+
+
+def load_generator(a):
+    """The models of --student and/or --model with --teacher-steps, on --device."""
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if a.student:
@@ -126,25 +148,40 @@ def generate(a):
         student, param, model, shape = None, None, resolve_model(a.model, a.prediction_type), None
     schedule = Schedule(scheduler_config(model))
     tokenizer, encoder = load_text(model)
-    context, uncond = encode_prompts(tokenizer, encoder, a.prompt), encode_prompts(tokenizer, encoder, [""])
+    encoder = encoder.to(device)
     vae = None
     if os.path.isdir(os.path.join(model, "vae")):
         vae = load_vae(os.path.join(model, "vae"), dtype).to(device)
     teacher = load_unet(model, dtype).to(device) if a.teacher_steps else None
     c = shape if shape and not a.resolution else latent_shape(teacher if student is None else student, vae, a.resolution)
     student = student.to(device) if student is not None else None
+    return Generator(student, param, teacher, vae, schedule, tokenizer, encoder,
+                     encode_prompts(tokenizer, encoder, [""]), c, device)
+
+
+@torch.no_grad()
+def sample_images(g, z, context, teacher_steps=0, guidance=4.5):
+    """Images in [-1, 1] on the CPU from x_T = z: the student's one step, or the teacher's DDIM + CFG."""
+    z, context = z.to(g.device), context.to(g.device)
+    if not teacher_steps:  # fp32, no autocast: Eq. 7 multiplies the error of its eps by sigma_T / alpha_T
+        return to_images(g.vae, f_theta(g.student, z, context, g.schedule, g.param))
+    with autocast_for(g.device):  # 25 steps: bf16 on CUDA
+        x0 = ddim_sample(g.teacher, g.schedule, context, g.uncond.to(g.device), z, teacher_steps, guidance)
+    return to_images(g.vae, x0)
+
+
+def generate(a):
+    g = load_generator(a)
+    context = encode_prompts(g.tokenizer, g.encoder, a.prompt)
     out = []
     for i, prompt in enumerate(a.prompt):
-        z = torch.randn((a.n, *c), generator=torch.Generator().manual_seed(a.seed + i)).to(device)
-        ctx = context[i:i + 1].expand(a.n, -1, -1).to(device)
-        with torch.no_grad():
-            if student is not None:  # fp32, no autocast: Eq. 7 multiplies the error of its eps by sigma_T / alpha_T
-                x0 = f_theta(student, z, ctx, schedule, param)
-                out.append((to_images(vae, x0), f"{prompt} (1 step)"))
-            if teacher is not None:
-                with autocast_for(device):  # 25 steps: bf16 on CUDA
-                    x0 = ddim_sample(teacher, schedule, ctx, uncond.to(device), z, a.teacher_steps, a.guidance)
-                out.append((to_images(vae, x0), f"{prompt} (teacher, {a.teacher_steps} steps)"))
+        z = torch.randn((a.n, *g.latent_shape), generator=torch.Generator().manual_seed(a.seed + i))
+        ctx = context[i:i + 1].expand(a.n, -1, -1)
+        if g.student is not None:
+            out.append((sample_images(g, z, ctx), f"{prompt} (1 step)"))
+        if g.teacher is not None:
+            images = sample_images(g, z, ctx, a.teacher_steps, a.guidance)
+            out.append((images, f"{prompt} (teacher, {a.teacher_steps} steps)"))
     return out
 
 

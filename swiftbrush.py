@@ -29,7 +29,7 @@ from files.images import save_grid
 from files.memory import memory_plan, peak_gb, write_memory_plan
 from files.models import (UsageError, encode_text, latent_shape, pick_model, read_prompts,
                           resolve_model, scheduler_config)
-from files.report import LOSS_COLUMNS, Report, loss_numbers
+from files.report import EVAL_COLUMNS, LOSS_COLUMNS, Report, loss_numbers
 from lora import inject_lora, lora_disabled
 from unet import UNet, WeightsError, load_unet
 from vae import load_vae, to_images
@@ -422,6 +422,42 @@ def miniature_package(model):
     return miniature
 
 
+def coco_evaluation(args, base):
+    """--eval-captions (Stable Diffusion): a function that evaluates a trained student on COCO-2014 and returns its
+    numbers, or None. The method's second upward import, lazy like miniature_package: python -m evaluation, whose
+    inputs are checked here, before any training."""
+    if "eval_captions" not in args:
+        return None
+    if base.model in MINIATURES:
+        raise UsageError("--eval-captions: the miniature is scored against its world's truth; the COCO-2014 "
+                         "evaluation is for Stable Diffusion students")
+    import evaluation
+    from evaluation.__main__ import parse_args as evaluation_args
+    from evaluation.metrics import parse_metrics
+    if "eval_metrics" in args:
+        parse_metrics(args.eval_metrics, "--eval-metrics")
+
+    def argv(cfg):
+        given = {"--captions": args.eval_captions, "--images": getattr(args, "eval_images", None),
+                 "--n": getattr(args, "eval_n", None), "--metrics": getattr(args, "eval_metrics", None),
+                 "--device": cfg.device, "--student": cfg.out, "--out": os.path.join(cfg.out, "eval")}
+        flags = []
+        for flag, value in given.items():
+            if value is not None:
+                flags += [flag, str(value)]
+        return flags
+
+    try:
+        evaluation.check_inputs(evaluation_args(argv(base)))
+    except UsageError as e:
+        raise UsageError(f"the COCO-2014 evaluation (--eval-*): {e}") from None
+
+    def evaluate(cfg):
+        results = evaluation.evaluate(evaluation_args(argv(cfg)))
+        return {key: results[key] for key, _, _ in EVAL_COLUMNS if key in results}
+    return evaluate
+
+
 def parse_args(argv=None):
     return flags.parse_args(argv, __doc__, Config())
 
@@ -446,7 +482,9 @@ def main(argv=None):
         for _, cfg in runs:
             check_out_folder(cfg, args.resume)
         mini = miniature_package(base.model)
-        report = mini.report.MiniatureReport(base.out, base.model) if mini else Report(base.out, LOSS_COLUMNS)
+        coco = coco_evaluation(args, base)  # None without --eval-captions
+        columns = LOSS_COLUMNS + (EVAL_COLUMNS if coco else [])
+        report = mini.report.MiniatureReport(base.out, base.model) if mini else Report(base.out, columns)
         for name, cfg in runs:
             m, state = train(cfg)
             exported = export_one_step(cfg.out)  # the pipeline folder and single files other tools load
@@ -456,8 +494,15 @@ def main(argv=None):
                 report.add_student(name, cfg, m, state)
             else:  # no truth to score against: the losses, the speed and the samples
                 curves = (f"{cfg.loss}-{cfg.param}", read_log(cfg.out))
-                report.add(name, loss_numbers(cfg), torch.cat(student_samples(m, cfg)), curves=curves)
+                numbers = loss_numbers(cfg)
+                report.add(name, numbers, torch.cat(student_samples(m, cfg)), curves=curves)
             del m, state  # one student in memory at a time
+            if coco:
+                numbers.update(coco(cfg))  # its row of the table gets the COCO-2014 numbers
+        if not mini and not coco:
+            report.notes.append(f"FID, CLIP score and FD-DINOv2 (COCO-2014): add --eval-captions captions_val2014.json "
+                                f"--eval-images val2014/ to this command, or run python -m evaluation --student "
+                                f"{runs[0][1].out} --captions captions_val2014.json --images val2014/ (README)")
         print("\n" + report.write())
         print(f"done: written to {base.out}; sample with: python sample.py --student {runs[0][1].out} --prompt \"...\"")
     except (UsageError, WeightsError, CheckpointError) as e:

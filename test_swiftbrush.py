@@ -385,26 +385,29 @@ def _imports(path, top_level_only=False):
 
 def test_layout_and_one_way_imports():
     root = os.path.dirname(os.path.abspath(sb.__file__))
-    ours = {"unet", "vae", "lora", "swiftbrush", "sample", "files", "miniature", "tools", "parity"}
+    ours = {"unet", "vae", "lora", "swiftbrush", "sample", "files", "miniature", "tools", "parity", "evaluation"}
     top = {f for f in os.listdir(root) if f.endswith(".py")}
     assert top == {"swiftbrush.py", "unet.py", "vae.py", "lora.py", "sample.py", "test_swiftbrush.py", "conftest.py"}
     allowed = {"unet": set(), "vae": {"unet"}, "lora": {"unet"}, "files": {"unet", "vae", "lora", "files"},
-               "swiftbrush": {"unet", "vae", "lora", "files"}, "sample": {"unet", "vae", "swiftbrush", "files"}}
+               "swiftbrush": {"unet", "vae", "lora", "files"}, "sample": {"unet", "vae", "swiftbrush", "files"},
+               "evaluation": {"unet", "vae", "swiftbrush", "sample", "files", "evaluation"}}
     for module, may in allowed.items():
         paths = ([os.path.join(root, module, f) for f in os.listdir(os.path.join(root, module))
                   if f.endswith(".py") and not f.startswith("test_")]  # tests may import anything
                  if os.path.isdir(os.path.join(root, module)) else [os.path.join(root, module + ".py")])
         for path in paths:
             assert _imports(path, top_level_only=True) & ours <= may, path
-            upward = {"miniature", "swiftbrush"} if module == "swiftbrush" else set()  # --model miniature; __main__
+            upward = {"miniature", "evaluation", "swiftbrush"} if module == "swiftbrush" else set()  # see below; __main__
             assert _imports(path) & ours <= may | upward, path
-    # swiftbrush.py imports the miniature only inside the functions that resolve --model miniature
+    # swiftbrush.py imports the miniature only inside the function that resolves --model miniature, and evaluation/
+    # only inside the one that evaluates students for --eval-captions
     import ast
     tree = ast.parse(open(os.path.join(root, "swiftbrush.py")).read())
-    users = {f.name for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
-             and any(isinstance(n, ast.ImportFrom) and n.module.startswith("miniature")
-             or isinstance(n, ast.Import) and n.names[0].name.startswith("miniature") for n in ast.walk(f))}
-    assert users == {"miniature_package"}
+    for package, user in (("miniature", "miniature_package"), ("evaluation", "coco_evaluation")):
+        users = {f.name for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
+                 and any(isinstance(n, ast.ImportFrom) and n.module.startswith(package)
+                 or isinstance(n, ast.Import) and n.names[0].name.startswith(package) for n in ast.walk(f))}
+        assert users == {user}, package
 
 
 # --------------------------------------------------------------------------------------------------

@@ -55,9 +55,17 @@ def parse_args(argv, description, defaults):
                    help="continue the checkpoint in --out if there is one, else start at step 0")
     p.add_argument("--ablation", action="store_true", default=False,
                    help="train the paper's three students (VSD + x0, SDS + x0, VSD + eps) and compare them")
+    p.add_argument("--eval-captions", help="COCO's captions_val2014.json: evaluate each student (FID, CLIP score, "
+                                           "FD-DINOv2) after training, with python -m evaluation; Stable Diffusion only")
+    p.add_argument("--eval-images", help="COCO's val2014/ folder, the real images of FID and FD-DINOv2")
+    p.add_argument("--eval-n", type=AT_LEAST_1, help="images per student (default 30000)")
+    p.add_argument("--eval-metrics", help="default fid,clip,fd-dinov2")
     args = p.parse_args(argv)
     if args.ablation and args.resume:
         p.error("--ablation trains three fresh students and cannot --resume: resume each of its folders alone")
     if args.ablation and ("loss" in args or "param" in args):
         p.error("--ablation sets --loss and --param itself: drop them")
+    evals = [f"--{name.replace('_', '-')}" for name in ("eval_images", "eval_n", "eval_metrics") if name in args]
+    if evals and "eval_captions" not in args:
+        p.error(f"{', '.join(evals)}: evaluation needs --eval-captions captions_val2014.json")
     return args

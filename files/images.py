@@ -6,6 +6,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 
+def to_uint8(images):
+    """[N, 3, H, W] in [-1, 1] -> [N, H, W, 3] uint8 (numpy), rounded: what a PNG holds."""
+    return ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
 def save_grid(rows, path, labels=None, pad=2):
     """PNG grid: one row per tensor [N,3,H,W] in [-1,1], optional label left of each row. Returns the PIL image.
 
@@ -26,8 +31,7 @@ def save_grid(rows, path, labels=None, pad=2):
         y = pad + i * (ch + pad)
         if labels:
             draw.text((pad, y + ch // 2), str(labels[i]), fill=(0, 0, 0), font=font, anchor="lm")
-        arr = ((r.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-        for j, a in enumerate(arr):
+        for j, a in enumerate(to_uint8(r)):
             tile = Image.fromarray(a).resize((cw, ch), Image.NEAREST)
             grid.paste(tile, (lw + pad + j * (cw + pad), y))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -256,8 +256,9 @@ def encode_prompts(tokenizer, encoder, prompts, batch_size=64):
     return torch.cat(out)
 
 
-def read_prompts(path):
-    """UTF-8 text, one prompt per line; blank lines and duplicates ignored. None: DEMO_PROMPTS."""
+def read_prompts(path, unique=True):
+    """UTF-8 text, one prompt per line; blank lines ignored, and duplicates unless unique=False (an evaluation's
+    prompt list, where each line is an image). None: DEMO_PROMPTS."""
     if path is None:
         return list(DEMO_PROMPTS)
     try:
@@ -269,7 +270,8 @@ def read_prompts(path):
         raise UsageError(f"cannot read prompt file {path!r}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
         raise UsageError(f"prompt file {path!r} is not UTF-8 text ({e})") from None
-    prompts = list(dict.fromkeys(p for p in lines if p))
+    prompts = [p for p in lines if p]
+    prompts = list(dict.fromkeys(prompts)) if unique else prompts
     if not prompts:
         raise UsageError(f"prompt file {path!r} has no prompts (one prompt per line)")
     return prompts

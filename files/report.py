@@ -8,6 +8,9 @@ from files.images import save_grid, save_plot
 
 LOSS_COLUMNS = [("steps", "training steps", "{}"), ("loss_student", "student loss (last 10%)", "{:.3g}"),
                 ("loss_lora", "LoRA loss (last 10%)", "{:.3g}"), ("sec_per_step", "s/iter", "{:.2f}")]
+# The COCO-2014 numbers of python -m evaluation (evaluation/), also the columns of a Stable Diffusion report
+EVAL_COLUMNS = [("images", "eval images", "{}"), ("fid", "FID", "{:.2f}"), ("clip_score", "CLIP score", "{:.4f}"),
+                ("fd_dinov2", "FD-DINOv2", "{:.1f}")]
 CURVES = {"student": "student surrogate loss 0.5*mean(g^2) per step", "lora": "LoRA teacher loss (Eq. 6) per step"}
 
 
@@ -18,6 +21,7 @@ class Report:
         self.rows = []          # (name, {key: value or (mean, std)})
         self.images = []        # (name, [N, 3, H, W] in [-1, 1])
         self.curves = {which: {} for which in CURVES}
+        self.notes = []         # lines written under the table
 
     def add(self, name, numbers, images=None, curves=None):
         """A row of the table; its images as a row of the grid; curves = (label, the run's log rows)."""
@@ -41,7 +45,7 @@ class Report:
     def write(self):
         """Write the files; returns the markdown table."""
         os.makedirs(self.out, exist_ok=True)
-        md = self.table()
+        md = "\n\n".join([self.table()] + self.notes)
         with open(os.path.join(self.out, "table.md"), "w") as f:
             f.write(md + "\n")
         with open(os.path.join(self.out, "results.json"), "w") as f:

@@ -327,7 +327,9 @@ def test_hub_id_offline_then_from_a_placed_snapshot(sd_root, tmp_path, capsys):
 def test_ablation_on_stable_diffusion(sd_root, tmp_path, capsys):
     out = tmp_path / "ablation"
     cli(cli_args(sd_root, out, 2) + ["--ablation", "--lr", "1e-4"])
-    table = (out / "table.md").read_text()
+    written = (out / "table.md").read_text()
+    table, note = written.split("\n\n")
+    assert "FID, CLIP score and FD-DINOv2" in note and "python -m evaluation --student" in note
     assert [line.split(" | ")[0] for line in table.splitlines()[2:]] == [f"| {name}" for name, _ in sb.ABLATION]
     assert table in capsys.readouterr().out
     for name, flags in sb.ABLATION:  # everything but --loss / --param equal, the flags given included
@@ -343,6 +345,8 @@ def test_ablation_on_stable_diffusion(sd_root, tmp_path, capsys):
     (["--model", "miniature-quick", "--ablation", "--resume"], "cannot --resume"),
     (["--model", "miniature-quick", "--ablation", "--loss", "sds"], "--ablation sets --loss"),
     (["--model", "no/such/folder"], "does not exist"),
+    (["--model", "miniature-quick", "--eval-captions", "captions_val2014.json"], "for Stable Diffusion students"),
+    (["--eval-n", "5000"], "--eval-n: evaluation needs --eval-captions"),
 ])
 def test_flags_that_do_not_go_together(tmp_path, capsys, extra, words):
     line = cli_error(extra + ["--out", str(tmp_path / "out")], capsys)

