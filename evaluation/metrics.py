@@ -163,22 +163,28 @@ class DINOv2:
 
 
 class CLIPScore:
-    """transformers' CLIPModel and its processor: cos(E_image, E_text) per image."""
+    """transformers' CLIPModel, its tokenizer and its image processor (the PIL one, as OpenCLIP's transform is PIL
+    based, whichever backend transformers would pick): cos(E_image, E_text) per image."""
     key, input = "clip", "clip"
 
     def __init__(self, source, device):
-        from transformers import CLIPModel, CLIPProcessor
+        from transformers import CLIPModel, CLIPTokenizer
+        try:
+            from transformers import CLIPImageProcessorPil as ImageProcessor  # transformers 5
+        except ImportError:
+            from transformers import CLIPImageProcessor as ImageProcessor  # transformers 4: the PIL one
         self.model = load_pretrained(CLIPModel, source, "--clip-model", use_safetensors=True).to(device).eval()
-        self.processor = load_pretrained(CLIPProcessor, source, "--clip-model")
+        self.tokenizer = load_pretrained(CLIPTokenizer, source, "--clip-model")
+        self.image_processor = load_pretrained(ImageProcessor, source, "--clip-model")
         self.device, self.source = device, source
 
     def pixels(self, image):
-        return self.processor.image_processor(image, return_tensors="np")["pixel_values"][0]
+        return self.image_processor(image, return_tensors="np")["pixel_values"][0]
 
     @torch.no_grad()
     def __call__(self, batch, captions):
-        text = self.processor.tokenizer([CLIP_PREFIX + c for c in captions], padding=True, truncation=True,
-                                        return_tensors="pt").to(self.device)
+        text = self.tokenizer([CLIP_PREFIX + c for c in captions], padding=True, truncation=True,
+                              return_tensors="pt").to(self.device)
         pixels = torch.from_numpy(np.stack(batch)).to(self.device)
         e_text = _embedding(self.model.get_text_features(input_ids=text.input_ids, attention_mask=text.attention_mask))
         e_image = _embedding(self.model.get_image_features(pixel_values=pixels))

@@ -46,8 +46,10 @@ def naive_measurement(paths, networks, captions):
 
 
 def full_size_flops():
-    """FLOPs (2 x multiply-adds) of one image through each full-size network, counted on the meta device (shapes
-    only: no weights, no compute): the arithmetic of the README's GPU estimate."""
+    """FLOPs (2 x multiply-adds) of one image through each full-size network, counted without weights or compute:
+    our UNet and VAE on fake tensors (autocast refuses the meta device), transformers' towers on the meta device.
+    The arithmetic of the README's GPU estimate."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, Dinov2Config, Dinov2Model
 
@@ -60,18 +62,22 @@ def full_size_flops():
             fn()
         return counter.get_total_flops()
 
-    with torch.device("meta"), torch.no_grad():
+    flops = {}
+    with FakeTensorMode(), torch.no_grad():
         unet, vae = UNet(SD21_BASE), AutoencoderKL(SD_VAE)
+        z, context = torch.zeros(1, 4, 64, 64), torch.zeros(1, 77, 1024)
+        flops["student UNet, one step (SD 2.1-base, 64x64 latents)"] = count(lambda: unet(z, 999, context))
+        flops["VAE decode to 512 px"] = count(lambda: vae.decode(z))
+    with torch.device("meta"), torch.no_grad():
         clip = CLIPVisionModelWithProjection(CLIPVisionConfig(  # OpenCLIP ViT-g/14's image tower
             hidden_size=1408, intermediate_size=6144, num_hidden_layers=40, num_attention_heads=16, patch_size=14,
             image_size=224, projection_dim=1024))
         dino = Dinov2Model(Dinov2Config(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, patch_size=14,
                                         image_size=518))  # ViT-L/14
-        z, context, pixels = torch.zeros(1, 4, 64, 64), torch.zeros(1, 77, 1024), torch.zeros(1, 3, 224, 224)
-        return {"student UNet, one step (SD 2.1-base, 64x64 latents)": count(lambda: unet(z, 999, context)),
-                "VAE decode to 512 px": count(lambda: vae.decode(z)),
-                "CLIP ViT-g/14 image tower, 224 px": count(lambda: clip(pixel_values=pixels)),
-                "DINOv2 ViT-L/14, 224 px": count(lambda: dino(pixel_values=pixels))}
+        pixels = torch.zeros(1, 3, 224, 224)
+        flops["CLIP ViT-g/14 image tower, 224 px"] = count(lambda: clip(pixel_values=pixels))
+        flops["DINOv2 ViT-L/14, 224 px"] = count(lambda: dino(pixel_values=pixels))
+    return flops
 
 
 def timed(fn):
