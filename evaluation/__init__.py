@@ -64,6 +64,8 @@ def check_inputs(a):
     were chosen, the real images)."""
     prompts, prompt_protocol = read_eval_prompts(a)
     real = image_files(a.images) if any(m != "clip" for m in a.metrics) else []
+    if real and a.n < 2:
+        raise UsageError("--n 1: a Frechet distance (FID, FD-DINOv2) needs at least 2 images")
     if "fid" in a.metrics and importlib.util.find_spec("cleanfid") is None:
         raise UsageError(CLEANFID_MISSING)
     return prompts, prompt_protocol, real
@@ -142,7 +144,8 @@ def _save_npz(path, **arrays):
 
 def model_name(a):
     if a.student:
-        return f"student {a.student} (1 step{', EMA' if a.ema else ''})"
+        run = os.path.exists(os.path.join(a.student, "swiftbrush.json"))  # a run holds both; an export is one
+        return f"student {a.student} (1 step{(', EMA' if a.ema else ', raw') if run else ''})"
     return f"teacher {a.model} (DDIM {a.teacher_steps} steps, CFG {a.guidance:g})"
 
 

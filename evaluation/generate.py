@@ -46,9 +46,9 @@ def generate_images(g, prompts, a, folder):
     n, B = len(prompts), a.batch_size
     paths = [image_path(folder, i) for i in range(n)]
     missing = {i for i in range(n) if not os.path.exists(paths[i])}
-    batches = [range(k, min(n, k + B)) for k in range(0, n, B) if missing & set(range(k, min(n, k + B)))]
     if not missing:
         return paths
+    batches = [range(k, min(n, k + B)) for k in range(0, n, B) if missing & set(range(k, min(n, k + B)))]
     t0 = time.time()
     with ThreadPoolExecutor(2) as writer, tqdm(total=n, initial=n - len(missing), desc="images", unit="img",
                                               dynamic_ncols=True) as bar:

@@ -104,7 +104,8 @@ def clean_resize(image, size=299):
     """clean-fid's "clean" resize: each channel in float32 through PIL's bicubic, not rounded: [3, size, size] in
     [0, 255], what its Inception network reads."""
     x = np.asarray(image, np.float32)
-    return np.stack([np.asarray(Image.fromarray(x[:, :, c]).resize((size, size), Image.BICUBIC)) for c in range(3)])
+    channels = [Image.fromarray(x[:, :, c]).resize((size, size), Image.BICUBIC) for c in range(3)]
+    return np.stack([np.asarray(c) for c in channels])
 
 
 def dinov2_input(image):

@@ -17,7 +17,7 @@ from PIL import Image
 
 import evaluation
 import evaluation.generate
-from conftest import cli, cli_args, run
+from conftest import cli, cli_args, cli_error, run
 from evaluation import metrics
 from evaluation.__main__ import main as evaluation_main
 from evaluation.__main__ import parse_args
@@ -277,8 +277,13 @@ def test_ablation_table_gets_the_coco_columns(sd_root, coco, feature_models, tmp
     monkeypatch.setattr(cli_module, "CLIP_MODEL", feature_models[0])
     monkeypatch.setattr(cli_module, "DINOV2_MODEL", feature_models[1])
     out = tmp_path / "ablation"
-    cli(cli_args(sd_root, out, 1) + ["--ablation", "--eval-captions", coco[0], "--eval-images", coco[1],
-                                     "--eval-n", "3", "--eval-metrics", "clip,fd-dinov2"])
+    evaluate = ["--ablation", "--eval-captions", coco[0], "--eval-images", coco[1], "--eval-metrics", "clip,fd-dinov2"]
+    line = cli_error(cli_args(sd_root, out, 1) + evaluate + ["--eval-n", "50"], capsys)  # checked before training
+    assert "the COCO-2014 evaluation (--eval-*): --n 50: " in line and not out.exists()
+    monkeypatch.setitem(sys.modules, "cleanfid", None)  # not installed
+    line = cli_error(cli_args(sd_root, out, 1) + evaluate[:-1] + ["fid", "--eval-n", "3"], capsys)
+    assert "FID needs clean-fid" in line and not out.exists()
+    cli(cli_args(sd_root, out, 1) + evaluate + ["--eval-n", "3"])
     table = (out / "table.md").read_text().splitlines()
     assert table[0].endswith("| eval images | FID | CLIP score | FD-DINOv2 |")
     for line, name in zip(table[2:], ("vsd-x0", "sds-x0", "vsd-eps")):
@@ -304,6 +309,7 @@ def eval_error(argv):
     ({"--captions": "not-json"}, "is not JSON"),
     ({"--captions": "not-coco"}, "not a COCO captions file"),
     ({"--n": "12"}, "--n 12: "),
+    ({"--n": "1"}, "needs at least 2 images"),
     ({"--images": "missing-folder"}, "not a folder"),
     ({"--images": "empty"}, "holds 0 .jpg/.png images"),
     ({"--images": "unreadable"}, "not a readable image"),
