@@ -144,8 +144,10 @@ def _save_npz(path, **arrays):
 
 def model_name(a):
     if a.student:
-        run = os.path.exists(os.path.join(a.student, "swiftbrush.json"))  # a run holds both; an export is one
-        return f"student {a.student} (1 step{(', EMA' if a.ema else ', raw') if run else ''})"
+        weights = ""
+        if os.path.exists(os.path.join(a.student, "swiftbrush.json")):  # a run holds both; an export is one of them
+            weights = ", EMA" if a.ema else ", raw"
+        return f"student {a.student} (1 step{weights})"
     return f"teacher {a.model} (DDIM {a.teacher_steps} steps, CFG {a.guidance:g})"
 
 
@@ -187,7 +189,7 @@ def metric_protocol(a, networks, n_real):
                             f"mean/std")
     if "clip" in sources:
         out["clip"] = (f"mean cosine of {sources['clip']} image and text embeddings (not x100), text "
-                       f"{CLIP_PREFIX!r} + caption, the full-size image through the model's own processor")
+                       f"{CLIP_PREFIX!r} + caption, the full-size image through its PIL image processor")
     if n_real:
         out["reference"] = f"{n_real} images of {os.path.abspath(a.images)}"
     return out

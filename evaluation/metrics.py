@@ -7,7 +7,7 @@
   after the last layer norm) of the same 256 px images resized to 224 px (bicubic), ImageNet mean and std.
 - CLIP score: the mean over images of cos(E_image(image), E_text("A photo depicts " + caption)) with OpenCLIP
   ViT-g/14 (laion2b_s12b_b42k): the plain cosine of the two embeddings, so SwiftBrush's 0.29 is on this scale (not
-  torchmetrics' 100 * max(cos, 0)). The model's own processor (224 px, bicubic, centre crop) reads the image.
+  torchmetrics' 100 * max(cos, 0)). The model's PIL image processor (224 px, bicubic, centre crop) reads the image.
 """
 import os
 from concurrent.futures import ThreadPoolExecutor
