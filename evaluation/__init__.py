@@ -62,6 +62,8 @@ def evaluate(a):
 def check_inputs(a):
     """Everything that can be checked in a moment, before networks load or students train: (the prompts, how they
     were chosen, the real images)."""
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        raise UsageError(f"--out {a.out} exists and is not a folder")
     prompts, prompt_protocol = read_eval_prompts(a)
     real = image_files(a.images) if any(m != "clip" for m in a.metrics) else []
     if real and a.n < 2:

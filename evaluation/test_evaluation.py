@@ -316,11 +316,13 @@ def eval_error(argv):
     ({"--clip-model": "nobody/no-such-clip"}, "--clip-model nobody/no-such-clip: cannot load it"),
     ({"--dinov2-model": "nobody/no-such-dinov2"}, "hub cache or reachable"),
     ({"--metrics": "fid,clip"}, "FID needs clean-fid, which is not installed"),
+    ({"--out": "a-file"}, "--out a-file exists and is not a folder"),
 ])
 def test_bad_input_is_one_line(student_run, coco, feature_models, tmp_path, monkeypatch, change, words):
     (tmp_path / "not-json").write_text("{oops")
     (tmp_path / "not-coco").write_text(json.dumps({"images": [1, 2]}))
     (tmp_path / "empty").mkdir()
+    (tmp_path / "a-file").write_text("")
     (tmp_path / "unreadable").mkdir()
     for k in range(3):
         (tmp_path / "unreadable" / f"{k}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
