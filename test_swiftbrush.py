@@ -478,6 +478,12 @@ def test_checkpointing_auto_follows_the_plan(sd_root, tmp_path, monkeypatch):
     assert 0 < acts["on"] < acts["off"]
 
 
+def test_checkpointing_may_change_on_resume_and_changes_nothing(sd_root, straight6, tmp_path):
+    run(sd_root, tmp_path, 3, checkpointing="on")
+    run(sd_root, tmp_path, 6)  # auto, here off: accepted (a memory choice, not the maths), and bit-identical
+    assert_same_ckpt(os.path.join(straight6[0], "checkpoint.safetensors"), tmp_path / "checkpoint.safetensors")
+
+
 def test_bf16_first_gradient_is_close_to_fp32s(sd_root):
     grads = {}
     for precision in ("fp32", "bf16"):

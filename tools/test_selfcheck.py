@@ -22,3 +22,8 @@ def test_peak_flops_by_device_name(monkeypatch, name, tflops):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
     assert selfcheck.peak_tflops(torch.device("cuda"), None) == tflops
     assert selfcheck.peak_tflops(torch.device("cuda"), 500.0) == 500.0
+
+
+def test_selfcheck_loads_a_given_model(sd_root, capsys):
+    numbers = selfcheck.main(["--model", sd_root, "--iterations", "3"])
+    assert f"selfcheck: {sd_root}" in capsys.readouterr().out and numbers["flops_per_iter"] > 0
