@@ -124,6 +124,9 @@ def selfcheck(args):
     print(f"selfcheck: {what} ({n_params / 1e6:.1f} M parameters), batch {batch}, latents {tuple(m.latent_shape)}, "
           f"{precision}, checkpointing {'on' if plan['checkpointing'] else 'off'}, EMA on the "
           f"{'device' if plan['EMA on the device'] else 'CPU'}; {name}, torch {torch.__version__}")
+    if not plan["fits"]:
+        print(f"  the plan says this does not fit the device's {plan['device memory']:.1f} GB: expect out of memory; "
+              f"try a smaller --batch-size")
     flops, seconds = run_iterations(m, cfg, state, device, args.iterations)
     s_iter = statistics.median(seconds)
     peak = peak_tflops(device, args.peak_tflops)
