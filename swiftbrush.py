@@ -27,8 +27,8 @@ from files.checkpoint import (CheckpointError, check_out_folder, ctrl_c_finishes
 from files.export import export_one_step
 from files.images import save_grid
 from files.memory import memory_plan, peak_gb, write_memory_plan
-from files.models import (UsageError, encode_text, latent_shape, pick_model, read_prompts,
-                          resolve_model, scheduler_config)
+from files.models import UsageError, latent_shape, pick_model, read_prompts, resolve_model, scheduler_config
+from files.prompts import prompt_embeddings
 from files.report import EVAL_COLUMNS, LOSS_COLUMNS, Report, loss_numbers
 from lora import inject_lora, lora_disabled
 from unet import UNet, WeightsError, load_unet
@@ -73,6 +73,7 @@ class Config:
     diagnose_every: int = 500      # log the LoRA teacher's and the teacher's eps-MSE on the student's samples
     device: str = None             # default: cuda if available
     precision: str = None          # bf16: the GPU recipe (default on CUDA) | fp32 (default on the CPU)
+    checkpointing: str = "auto"    # gradient checkpointing: auto (where the memory plan says it is needed) | on | off
 
 
 # ==================================================================================================
@@ -128,7 +129,7 @@ class Models:
     student: UNet              # eps_theta inside f_theta (Eq. 7), initialised from the teacher; trained in fp32
     schedule: Schedule
     prompts: list
-    embeddings: torch.Tensor   # [P, L, D] text states of the prompts, on the CPU
+    embeddings: object         # embeddings[i]: text states [n, L, D] of prompts[i], encoded per batch (files/prompts)
     uncond: torch.Tensor       # [1, L, D] text states of "" (CFG's unconditional branch)
     latent_shape: tuple        # (C, H, W) of x_0
     vae: object = None         # None: pixel space (the miniature)
@@ -270,23 +271,25 @@ def next_prompts(state, n):
 
 
 def load_models(cfg, device):
-    """Read the teacher (a folder, a hub snapshot, the miniature's), encode the prompts once, copy the student."""
+    """Read the teacher (a folder, a hub snapshot, the miniature's) and its text encoder (which encodes each batch's
+    prompts when it is drawn), copy the student."""
     mini = miniature_package(cfg.model)
     folder = mini.teacher.build_teacher(cfg.model) if mini else resolve_model(cfg.model, cfg.prediction_type)
     teacher = load_unet(folder)
     vae = load_vae(os.path.join(folder, "vae")) if os.path.isdir(os.path.join(folder, "vae")) else None
     prompts = read_prompts(cfg.prompts)
-    embeddings, uncond = encode_text(folder, prompts, device)
-    return Models(teacher, copy.deepcopy(teacher), Schedule(scheduler_config(folder)), prompts, embeddings, uncond,
-                  latent_shape(teacher, vae, cfg.resolution), vae, folder)
+    text_dtype = torch.bfloat16 if uses_bf16(cfg.precision, device) else torch.float32  # frozen, as the teacher
+    embeddings = prompt_embeddings(folder, prompts, device, text_dtype)
+    return Models(teacher, copy.deepcopy(teacher), Schedule(scheduler_config(folder)), prompts, embeddings,
+                  embeddings.uncond, latent_shape(teacher, vae, cfg.resolution), vae, folder)
 
 
 def start_training(cfg, m, device):
-    """Freeze the teacher, give it the LoRA of eps_phi, make the optimisers, the EMA and the loop's RNG: `state`."""
-    bf16 = uses_bf16(cfg.precision, device)  # the GPU recipe: bf16 teacher and autocast, gradient checkpointing
+    """Freeze the teacher, give it the LoRA of eps_phi, make the optimisers, the memory plan (which decides
+    checkpointing and the EMA's place), the EMA and the loop's RNG: `state`."""
+    bf16 = uses_bf16(cfg.precision, device)  # the GPU recipe: bf16 teacher and autocast
     m.teacher.requires_grad_(False).to(device, torch.bfloat16 if bf16 else torch.float32)
     m.student.requires_grad_(True).to(device, torch.float32).train()  # fp32 master weights: lr 1e-6 vanishes in bf16
-    m.teacher.gradient_checkpointing = m.student.gradient_checkpointing = bf16
     opt_lora = None
     if cfg.loss == "vsd":  # SDS has no LoRA teacher
         torch.manual_seed(cfg.seed)  # the LoRA's initialisation
@@ -295,23 +298,41 @@ def start_training(cfg, m, device):
         except ValueError as e:
             raise UsageError(f"--lora-targets {cfg.lora_targets!r}: {e}") from None
         m.teacher.train()
-        opt_lora = torch.optim.Adam(phi, lr=cfg.lora_lr, betas=(0.9, 0.999), weight_decay=0.0)
+        opt_lora = adam(phi, cfg.lora_lr, device)
     gen = torch.Generator().manual_seed(cfg.seed)  # all of the loop's randomness: resumable exactly
-    ema = None
-    if cfg.ema_decay > 0:  # on the CPU: the step does not need it
-        ema = {k: v.detach().float().cpu().clone() for k, v in m.student.state_dict().items()}
-    return {"step": 0, "cursor": 0, "order": torch.randperm(len(m.prompts), generator=gen), "gen": gen,
-            "opt_student": torch.optim.Adam(m.student.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0),
-            "opt_lora": opt_lora, "ema": ema}
+    state = {"step": 0, "cursor": 0, "order": torch.randperm(len(m.prompts), generator=gen), "gen": gen,
+             "opt_student": adam(m.student.parameters(), cfg.lr, device), "opt_lora": opt_lora, "ema": None}
+    state["plan"] = plan = memory_plan(cfg, m, state, device)
+    m.teacher.gradient_checkpointing = m.student.gradient_checkpointing = plan["checkpointing"]
+    if cfg.ema_decay > 0:  # the step does not need it: on the CPU unless the device has room to spare
+        where = device if plan["EMA on the device"] else "cpu"
+        state["ema"] = {k: v.detach().float().to(where).clone() for k, v in m.student.state_dict().items()}
+    return state
 
 
-EMA_EVERY = 10  # the EMA is updated every 10 steps with decay^10: a GPU -> CPU copy of the student less often
+def adam(params, lr, device):
+    """Adam (betas 0.9, 0.999, no weight decay) with the fused step where the device has one: one kernel over all
+    the parameters, where the default multi-tensor step allocates temporaries the size of the parameters."""
+    return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0, fused=device.type in ("cuda", "cpu"))
+
+
+EMA_EVERY = 10  # the EMA is updated every 10 steps with the product of the 10 steps' decays: fewer copies
+
+
+def ema_decay_of_step(n, decay):
+    """The authors' EMA (diffusers' EMAModel): the n-th step's decay is min(decay, (1 + s) / (10 + s)), s = n - 1,
+    and 0 for the first (the EMA starts as the student): a warm-up that forgets the initialisation quickly."""
+    s = n - 1
+    return 0.0 if s <= 0 else min(decay, (1 + s) / (10 + s))
 
 
 @torch.no_grad()
-def update_ema(ema, student, decay):
+def update_ema(ema, student, step, decay):
+    """After `step`: ema = D ema + (1 - D) theta, D the product of the decays of the EMA_EVERY steps up to `step`
+    (a per-step EMA exactly while theta is constant between updates)."""
+    D = math.prod(ema_decay_of_step(n, decay) for n in range(step - EMA_EVERY + 1, step + 1))
     for k, v in student.state_dict().items():
-        ema[k].lerp_(v.detach().float().cpu(), 1 - decay)
+        ema[k].lerp_(v.detach().float().to(ema[k].device), 1 - D)
 
 
 def uses_bf16(precision, device):
@@ -375,7 +396,7 @@ def train(cfg, models=None, progress=True):
     log_path = os.path.join(cfg.out, "log.jsonl")
     truncate_log(log_path, state["step"])  # steps logged after the checkpoint (a crash) are redone
     write_run_info(cfg, m)
-    write_memory_plan(memory_plan(m, state), cfg.out)
+    write_memory_plan(state["plan"], cfg.out)
 
     autocast = autocast_for(device, cfg.precision)
     with tqdm(total=cfg.steps, initial=state["step"], disable=not progress, desc=f"{cfg.loss}-{cfg.param}",
@@ -385,7 +406,7 @@ def train(cfg, models=None, progress=True):
             logs = train_step(m, cfg, state, autocast)
             state["step"] += 1
             if state["ema"] is not None and state["step"] % EMA_EVERY == 0:
-                update_ema(state["ema"], m.student, cfg.ema_decay ** EMA_EVERY)
+                update_ema(state["ema"], m.student, state["step"], cfg.ema_decay)
             logs = {"step": state["step"], **logs, "sec_per_step": round(time.time() - t0, 4),
                     "peak_gb": peak_gb(device)}
             if cfg.diagnose_every and state["step"] % cfg.diagnose_every == 0:

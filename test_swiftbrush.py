@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -229,6 +230,41 @@ def test_lora_steps_and_lora_loss(sd_root, tmp_path, monkeypatch):
     assert log3[1]["loss_lora"] != log[1]["loss_lora"]
 
 
+def test_ema_is_the_authors_warm_up(monkeypatch):
+    """The EMA, updated every EMA_EVERY steps with the product of the steps' decays, equals diffusers' EMAModel (the
+    authors') stepped every step, warm-up (1 + s) / (10 + s) and cap included, while theta is constant between
+    updates."""
+    from diffusers.training_utils import EMAModel
+    monkeypatch.setattr(sb, "EMA_EVERY", 3)
+    student = torch.nn.Linear(4, 3)
+    reference = EMAModel(student.parameters(), decay=0.9)
+    ours = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+    for step in range(1, 151):  # the warm-up reaches the cap 0.9 at s = 80
+        if step % 3 == 1:  # theta changes right after each of our updates
+            with torch.no_grad():
+                for p in student.parameters():
+                    p.copy_(torch.randn(p.shape, generator=gen))
+        reference.step(student.parameters())
+        if step % 3 == 0:
+            sb.update_ema(ours, student, step, 0.9)
+        if step in (3, 30, 150):
+            for (k, v), want in zip(ours.items(), reference.shadow_params):
+                assert torch.allclose(v, want, rtol=1e-5, atol=1e-6), (step, k)
+    assert [sb.ema_decay_of_step(n, 0.9) for n in range(1, 200)] == [reference.get_decay(n) for n in range(1, 200)]
+
+
+def test_adam_steps_are_the_fused_kernel(sd_root, tmp_path, monkeypatch):
+    """One kernel for all parameters (no parameter-sized temporaries): both optimisers step through _fused_adam_."""
+    calls, real = [], torch._fused_adam_
+    monkeypatch.setattr(torch, "_fused_adam_", lambda params, *a, **kw: calls.append(len(params)) or
+                        real(params, *a, **kw))
+    m, state, _ = run(sd_root, tmp_path, 2)
+    assert state["opt_student"].defaults["fused"] and state["opt_lora"].defaults["fused"]
+    n_student, n_lora = len(list(m.student.parameters())), len(lora.lora_parameters(m.teacher))
+    assert calls == [n_student, n_lora] * 2
+
+
 def test_sds_mode_has_no_lora(sd_root, tmp_path):
     official = load_file(os.path.join(sd_root, UNET_FILE))
     m, _, log = run(sd_root, tmp_path / "sds", 3, loss="sds")
@@ -417,13 +453,38 @@ def test_layout_and_one_way_imports():
 @pytest.mark.parametrize("loss,param", [("vsd", "x0"), ("vsd", "eps"), ("sds", "x0"), ("sds", "eps")])
 def test_bf16_recipe_trains_on_the_cpu(sd_root, tmp_path, loss, param):
     teacher = load_unet(sd_root).to(torch.bfloat16).state_dict()
-    m, state, log = run(sd_root, tmp_path, 2, loss=loss, param=param, precision="bf16")
+    m, state, log = run(sd_root, tmp_path, 2, loss=loss, param=param, precision="bf16", checkpointing="on")
     assert all(math.isfinite(r["loss_student"]) for r in log) and len(log) == 2
     assert all(p.dtype == torch.float32 for p in m.student.parameters())  # fp32 master weights
     assert m.student.gradient_checkpointing and m.teacher.gradient_checkpointing
     base = {k: v for k, v in m.teacher.state_dict().items() if ".lora_" not in k}
     assert base.keys() == teacher.keys() and all(torch.equal(v, teacher[k]) for k, v in base.items())
     assert not torch.equal(m.student.conv_out.weight, load_unet(sd_root).conv_out.weight)  # it trained
+
+
+def test_checkpointing_auto_follows_the_plan(sd_root, tmp_path, monkeypatch):
+    """--checkpointing auto: off on the CPU (no device memory to plan); with a (faked) device total, on only where the
+    states and the activations without it would not fit, and the EMA on the device only where it fits too."""
+    from files import memory
+    m, state, _ = run(sd_root, tmp_path / "cpu", 1, precision="bf16")
+    assert not m.student.gradient_checkpointing and state["plan"]["device memory"] is None
+    for total, on, ema_on_device in ((1e-4, True, False), (100.0, False, True)):
+        monkeypatch.setattr(memory, "device_memory_gb", lambda device: total)
+        m, state, _ = run(sd_root, tmp_path / str(total), 1)
+        assert m.student.gradient_checkpointing == m.teacher.gradient_checkpointing == on
+        plan = json.load(open(tmp_path / str(total) / "memory.json"))
+        assert (plan["checkpointing"], plan["EMA on the device"]) == (on, ema_on_device)
+        assert ("EMA of the student" in plan["device"]) == ema_on_device
+    m, _, _ = run(sd_root, tmp_path / "off", 1, checkpointing="off")  # the flag over the plan
+    assert not m.student.gradient_checkpointing
+    acts = state["plan"]["activations (estimate)"]
+    assert 0 < acts["on"] < acts["off"]
+
+
+def test_checkpointing_may_change_on_resume_and_changes_nothing(sd_root, straight6, tmp_path):
+    run(sd_root, tmp_path, 3, checkpointing="on")
+    run(sd_root, tmp_path, 6)  # auto, here off: accepted (a memory choice, not the maths), and bit-identical
+    assert_same_ckpt(os.path.join(straight6[0], "checkpoint.safetensors"), tmp_path / "checkpoint.safetensors")
 
 
 def test_bf16_first_gradient_is_close_to_fp32s(sd_root):
@@ -450,6 +511,21 @@ def test_bf16_resume_is_exact_and_exports_fp32(sd_root, tmp_path):
     assert all(v.dtype == torch.float32 for v in exported.values())
 
 
+def test_sampling_runs_the_student_in_fp32_outside_autocast(straight6, tmp_path, monkeypatch):
+    """sample.py's one step: fp32 weights and no autocast (Eq. 7 multiplies the eps's error by 14.6), while the
+    teacher's DDIM steps run under autocast (faked here on the CPU as sample.py sets it on CUDA)."""
+    seen, real = [], sample.f_theta
+
+    def spy(student, *args, **kwargs):
+        seen.append((torch.is_autocast_enabled("cpu"), {p.dtype for p in student.parameters()}))
+        return real(student, *args, **kwargs)
+
+    monkeypatch.setattr(sample, "f_theta", spy)
+    monkeypatch.setattr(sample, "autocast_for", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    sample.main(["--student", straight6[0], "--teacher-steps", "2", "--prompt", "a cat", "--out", str(tmp_path / "s.png")])
+    assert seen == [(False, {torch.float32})]
+
+
 def test_output_layer_runs_in_its_weights_dtype_under_autocast(sd_root):
     x, ctx = inputs(seed=3)
     student, teacher = load_unet(sd_root), load_unet(sd_root).to(torch.bfloat16)
@@ -458,20 +534,38 @@ def test_output_layer_runs_in_its_weights_dtype_under_autocast(sd_root):
         assert teacher(x, 999, ctx).dtype == torch.bfloat16
 
 
-def test_memory_plan_of_full_size_sd21_base_is_the_readmes_table(sd_root):
-    import re
+def test_memory_plan_of_full_size_sd21_base_is_the_readmes_table(sd_root, monkeypatch):
     from types import SimpleNamespace
-    from files.memory import memory_plan
-    from parity.test_sd import SD21_BASE
+    from transformers import CLIPTextConfig, CLIPTextModel
+    from files import memory
+    from parity.configs import SD2_TEXT, SD21_BASE
     with torch.device("meta"):
         teacher = UNet(json.loads(json.dumps(SD21_BASE)))
-    m = SimpleNamespace(teacher=teacher, student=copy.deepcopy(teacher), embeddings=torch.zeros(12, 77, 1024),
-                        prompts=["a cat"] * 12)
-    state = sb.start_training(sb.Config(model=sd_root, precision="bf16", ema_decay=0), m, torch.device("meta"))
-    plan = memory_plan(m, {**state, "ema": {}})  # the EMA cannot be copied off the meta device: count it anyway
+        text_encoder = CLIPTextModel(CLIPTextConfig(**SD2_TEXT)).to(torch.bfloat16)
+    m = SimpleNamespace(teacher=teacher, student=copy.deepcopy(teacher), prompts=["a cat"] * 12,
+                        embeddings=SimpleNamespace(encoder=text_encoder), uncond=torch.zeros(1, 77, 1024),
+                        latent_shape=(4, 64, 64))
+    meta = torch.device("meta")
+    cfg = sb.Config(model=sd_root, precision="bf16", ema_decay=0, batch_size=1)
+    state = sb.start_training(cfg, m, meta)
+    plan = memory.memory_plan(replace(cfg, ema_decay=0.999), m, state, meta)  # the EMA: counted, not copied off meta
     readme = open(os.path.join(os.path.dirname(sb.__file__), "README.md")).read()
     table = readme[readme.index("| what | precision | GB |"):].split("\n\n")[0]
-    rows = [line.split("|")[-2].strip() for line in table.splitlines()[2:7]]  # the five states' GB
+    rows = [line.split("|")[-2].strip() for line in table.splitlines()[2:8]]  # the six states' GB
     assert list(plan["device"].values()) == [float(r) for r in rows]
-    assert f"**{plan['device states in all']:.1f}**" in table  # 15.7
-    assert plan["cpu"]["EMA of the student"] == 3.46 and "the EMA (fp32, 3.46 GB, on the CPU)" in readme
+    assert f"**{plan['device states in all']:.1f}**" in table  # 16.4
+    assert plan["cpu"] == {"EMA of the student": 3.46, "prompt embeddings": 0}
+    acts = plan["activations (estimate)"]
+    assert f"| {acts['off']:.2f} / {acts['on']:.2f} |" in table
+
+    # --checkpointing auto, the EMA's place and whether it fits, on (faked) cards: the README's table, row for row
+    decisions = readme[readme.index("| card GB | batch |"):].split("\n\n")[0].splitlines()[2:]
+    assert decisions
+    for row in decisions:
+        total, batch, *want = [cell.strip() for cell in row.strip("|").split("|")]
+        monkeypatch.setattr(memory, "device_memory_gb", lambda device: float(total))
+        p = memory.memory_plan(replace(cfg, ema_decay=0.999, batch_size=int(batch)), m, state, meta)
+        used = p["device states in all"] + p["activations (estimate)"]["on" if p["checkpointing"] else "off"]
+        got = ["on" if p["checkpointing"] else "off", "device" if p["EMA on the device"] else "CPU", f"{used:.1f}",
+               "yes" if p["fits"] else "no"]
+        assert got == want, row

@@ -299,7 +299,8 @@ class UNet(nn.Module):
             up_size = skips[-1].shape[-2:] if skips else None  # match odd sizes exactly
             x, _ = self._run(block, x, temb, context, block_skips, up_size)
         x = F.silu(self.conv_norm_out(x))
-        with torch.autocast(x.device.type, enabled=False):  # the output layer in its weights' dtype, not autocast's:
+        kind = "cpu" if x.device.type == "meta" else x.device.type  # meta (the memory plan counts on it): no autocast
+        with torch.autocast(kind, enabled=False):  # the output layer in its weights' dtype, not autocast's:
             return self.conv_out(x.to(self.conv_out.weight.dtype))  # fp32 for the student, whose eps Eq. 7 x 14.6
 
 

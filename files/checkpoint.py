@@ -21,7 +21,7 @@ from lora import lora_state_dict
 
 CHECKPOINT = "checkpoint.safetensors"  # in the run's --out folder
 # Flags that may differ between a run and its --resume (everything else must match the checkpoint).
-RESUMABLE = {"steps", "save_every", "sample_every", "diagnose_every", "device", "out"}
+RESUMABLE = {"steps", "save_every", "sample_every", "diagnose_every", "device", "checkpointing", "out"}
 
 
 class CheckpointError(ValueError):
@@ -69,7 +69,7 @@ def save_checkpoint(cfg, m, state):
     """Everything an exact resume needs (student, EMA, LoRA, both Adam states, RNG, prompt order, step), and the
     student exported beside it."""
     tensors = {f"student/{k}": v for k, v in _cpu(m.student.state_dict()).items()}
-    tensors.update({f"ema/{k}": v.contiguous() for k, v in (state["ema"] or {}).items()})
+    tensors.update({f"ema/{k}": v for k, v in _cpu(state["ema"] or {}).items()})  # on the device where it fits
     tensors.update({f"lora/{k}": v for k, v in _cpu(lora_state_dict(m.teacher)).items()})
     groups = {}
     for name in ("opt_student", "opt_lora"):
@@ -99,8 +99,9 @@ def load_checkpoint(cfg, m, state):
     diff = [f"--{k.replace('_', '-')} {saved.get(k)} (now {v})" for k, v in asdict(cfg).items()
             if k not in RESUMABLE and saved.get(k) != v]
     if diff:
-        raise CheckpointError(f"{path} was trained with other settings: {', '.join(diff)}; resume with the same "
-                              f"flags (only --steps, --save-every, --sample-every may change)")
+        raise CheckpointError(f"{path} was trained with other settings: {', '.join(diff)}; resume with the same flags "
+                              f"(only --steps, --save-every, --sample-every, --diagnose-every, --device, "
+                              f"--checkpointing may change)")
     if meta["prompts_sha256"] != _sha(m.prompts):
         raise CheckpointError(f"{path} was trained on another prompt list; resume with the same --prompts file")
     with torch.no_grad():

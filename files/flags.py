@@ -51,6 +51,9 @@ def parse_args(argv, description, defaults):
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     p.add_argument("--precision", choices=["bf16", "fp32"],
                    help="bf16: the GPU recipe, also on the CPU (default on CUDA) | fp32 (default on the CPU)")
+    p.add_argument("--checkpointing", choices=["auto", "on", "off"],
+                   help="gradient checkpointing of both UNets: auto (default: on only where the memory plan "
+                        "says the activations would not fit the device without it), on, off")
     p.add_argument("--resume", action="store_true", default=False,
                    help="continue the checkpoint in --out if there is one, else start at step 0")
     p.add_argument("--ablation", action="store_true", default=False,

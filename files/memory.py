@@ -1,26 +1,36 @@
 """The memory plan of a run: what each part of Algorithm 1 holds, in GB, counted from the real tensors (so it is the
 same on the `meta` device, for full-size models this machine cannot hold), printed at startup and written to
-OUT/memory.json; and the measured peak, logged with every step (CUDA: max_memory_allocated; CPU: peak RSS)."""
+OUT/memory.json; and the measured peak, logged with every step (CUDA: max_memory_allocated; CPU: peak RSS).
+
+The plan also decides, by that count, what memory buys time where there is room: gradient checkpointing
+(`--checkpointing auto`: on only where the states and the activations without it would not fit the device) and the
+EMA's place (on the device when everything fits with it, so no GPU -> CPU copy of the student every 10 steps)."""
 import json
 import os
 import resource
+from unittest.mock import patch
 
 import torch
+import torch.nn.functional as F
 
 from lora import lora_parameters
+from unet import UNet
 
 GB = 1e9
+HEADROOM = 0.9  # of the device's memory: the CUDA context, cuBLAS workspaces and the allocator's slack take the rest
 
 
 def nbytes(tensors):
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def memory_plan(m, state):
-    """GB per part, as start_training placed them: on the training device, then on the CPU."""
+def memory_plan(cfg, m, state, device):
+    """GB per part on the training device and on the CPU, the activations' estimate, and the two decisions
+    (checkpointing, the EMA's place). `state`: start_training's, its optimisers made, its EMA not yet."""
     student = list(m.student.parameters())
     lora = lora_parameters(m.teacher) if state["opt_lora"] is not None else []
     is_lora = {id(p) for p in lora}
+    text_encoder = getattr(m.embeddings, "encoder", None)  # files/prompts.py; a plain tensor of states has none
     on_device = {
         "teacher UNet (eps_psi, and eps_phi's base: one copy)": nbytes(p for p in m.teacher.parameters()
                                                                       if id(p) not in is_lora),
@@ -28,21 +38,98 @@ def memory_plan(m, state):
         "student theta: weights": nbytes(student),
         "student grads (freed before the LoRA pass)": nbytes(student),
         "student Adam m and v": 2 * nbytes(student),
+        "text encoder (frozen; encodes each batch's prompts)": nbytes(text_encoder.parameters()) if text_encoder else 0,
     }
-    on_cpu = {"EMA of the student": nbytes(student) if state["ema"] is not None else 0,
-              "prompt embeddings": nbytes([m.embeddings])}
-    plan = {"device": {k: round(v / GB, 2) for k, v in on_device.items()},
-            "cpu": {k: round(v / GB, 2) for k, v in on_cpu.items()}}
-    plan["device states in all"] = round(sum(on_device.values()) / GB, 2)
-    return plan
+    ema = nbytes(student) if cfg.ema_decay > 0 else 0
+    states = sum(on_device.values())
+    total = device_memory_gb(device)
+    activations = activation_gb(m, cfg, bf16=next(m.teacher.parameters()).dtype == torch.bfloat16)
+    if cfg.checkpointing == "auto":  # on only where the states and the activations without it do not fit
+        checkpointing = total is not None and states / GB + activations["off"] > HEADROOM * total
+    else:
+        checkpointing = cfg.checkpointing == "on"
+    used = states / GB + activations["on" if checkpointing else "off"]  # without the EMA
+    ema_on_device = total is not None and ema > 0 and used + ema / GB <= HEADROOM * total
+    if ema_on_device:
+        on_device["EMA of the student"] = ema
+    on_cpu = {"EMA of the student": 0 if ema_on_device else ema,
+              "prompt embeddings": nbytes([m.embeddings]) if torch.is_tensor(m.embeddings) else 0}  # a tensor: all P
+    return {"device": {k: round(v / GB, 2) for k, v in on_device.items()},
+            "cpu": {k: round(v / GB, 2) for k, v in on_cpu.items()},
+            "device states in all": round(sum(on_device.values()) / GB, 2),
+            "activations (estimate)": {k: float(f"{v:.3g}") for k, v in activations.items()},
+            "device memory": None if total is None else round(total, 1),
+            "fits": total is None or used <= HEADROOM * total,
+            "checkpointing": checkpointing, "EMA on the device": ema_on_device}
+
+
+def device_memory_gb(device):
+    """A CUDA device's memory in GB; None elsewhere (the CPU's memory is not planned: no decision depends on it)."""
+    return torch.cuda.get_device_properties(device).total_memory / GB if device.type == "cuda" else None
+
+
+def activation_gb(m, cfg, bf16):
+    """Estimated GB of the activations of the step's largest backward (the student's, or the LoRA teacher's: one
+    UNet forward at the micro-batch, with grad), without ("off") and with ("on") per-block checkpointing.
+
+    Counted on a copy of the architecture on the meta device (no memory): every tensor autograd saves for the
+    backward but the weights, attention counted as a fused kernel saves. With checkpointing, a block keeps only its
+    outputs, and its own saves come back one block at a time during the backward. Under bf16 autocast, fp32 student
+    weights are also saved as bf16 copies (half the student) unless checkpointing recasts them block by block.
+    Not counted: the CUDA context and workspaces (HEADROOM), transients of the no-grad CFG passes."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    with torch.device("meta"):
+        net = UNet(json.loads(json.dumps(m.student.config))).to(dtype).train()
+        x = torch.zeros(cfg.batch_size, *m.latent_shape, dtype=dtype)
+        context = torch.zeros(cfg.batch_size, *m.uncond.shape[1:], dtype=dtype)
+    weights = {id(p) for p in net.parameters()}  # saved too, but held anyway: not activations
+    keep = lambda t: t if id(t) in weights or id(t._base) in weights else saved.append(t) or t
+    saved, blocks = [], []  # the tensors kept for the backward; per block (first saved index, its outputs)
+    for block in [*net.down_blocks, net.mid_block, *net.up_blocks]:
+        block.register_forward_pre_hook(lambda module, args: blocks.append([len(saved), None]))
+        block.register_forward_hook(lambda module, args, out: blocks[-1].__setitem__(1, [out[0], *out[1]]))
+    fused = lambda q, k, v, **kwargs: FusedAttentionSaves.apply(q, k, v)
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), \
+            patch.object(F, "scaled_dot_product_attention", fused):
+        net(x, torch.zeros(cfg.batch_size, dtype=torch.long, device="meta"), context)
+    ends = [start for start, _ in blocks[1:]] + [len(saved)]
+    inside = [_unique_bytes(saved[start:end]) for (start, _), end in zip(blocks, ends)]
+    outputs = sum(_unique_bytes(out) for _, out in blocks)
+    weight_copies = nbytes(m.student.parameters()) / 2 if bf16 else 0
+    off = _unique_bytes(saved) + weight_copies
+    on = _unique_bytes(saved) - sum(inside) + outputs + max(inside)
+    return {"off": off / GB, "on": on / GB}
+
+
+def _unique_bytes(tensors):
+    return nbytes({id(t): t for t in tensors}.values())
+
+
+class FusedAttentionSaves(torch.autograd.Function):
+    """Counts as a fused attention kernel (flash or memory-efficient: what CUDA and the CPU run) saves for the
+    backward: q, k, v, the output and one log-sum-exp per query, not the [N, N] weights that the meta device's
+    reference path keeps (at 64x64 latents, 4096 x 4096 per head)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
 
 
 def write_memory_plan(plan, out):
     with open(os.path.join(out, "memory.json"), "w") as f:
         json.dump(plan, f, indent=2)
     lines = [f"  {k}: {v:.2f} GB" for where in ("device", "cpu") for k, v in plan[where].items() if v]
-    print("memory plan (the states; activations come on top, and peak_gb in log.jsonl says what was used):\n"
-          + "\n".join(lines) + f"\n  on the device in all: {plan['device states in all']:.2f} GB")
+    acts, total = plan["activations (estimate)"], plan["device memory"]
+    print("memory plan (peak_gb in log.jsonl says what was used):\n" + "\n".join(lines)
+          + f"\n  on the device in all: {plan['device states in all']:.2f} GB of states, activations ~"
+          + f"{acts['on' if plan['checkpointing'] else 'off']:.2f} GB (estimate; without checkpointing "
+          + f"{acts['off']:.2f}, with it {acts['on']:.2f})" + (f", of {total:.1f} GB" if total else "")
+          + f"\n  gradient checkpointing {'on' if plan['checkpointing'] else 'off'}, the EMA on the "
+          + ("device" if plan["EMA on the device"] else "CPU")
+          + ("" if plan["fits"] else f"\n  this does not fit the device ({HEADROOM:.0%} of {total:.1f} GB): lower --batch-size, "
+                                     f"raise --grad-accum"))
 
 
 def peak_gb(device):

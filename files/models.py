@@ -223,17 +223,6 @@ def load_text(folder):
     return tokenizer, encoder.eval()
 
 
-def encode_text(folder, prompts, device):
-    """Text states of the prompts and of "" (CFG's unconditional branch), on the CPU; the encoder is then freed."""
-    tokenizer, encoder = load_text(folder)
-    embeddings = encode_prompts(tokenizer, encoder.to(device), prompts)
-    uncond = encode_prompts(tokenizer, encoder, [""])
-    del tokenizer, encoder
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return embeddings, uncond
-
-
 def latent_shape(unet, vae, resolution=None):
     """(C, H, W) of x_0 at `resolution` pixels (default: the UNet's sample_size), checked against the downsampling."""
     factor = 2 ** (len(vae.config["block_out_channels"]) - 1) if vae is not None else 1  # pixels per latent
@@ -246,13 +235,14 @@ def latent_shape(unet, vae, resolution=None):
 
 @torch.no_grad()
 def encode_prompts(tokenizer, encoder, prompts, batch_size=64):
-    """Prompts -> last_hidden_state [N, 77, D], padded as SD pads (the pad token is the tokenizer's own)."""
+    """Prompts -> last_hidden_state [N, 77, D] in fp32 on the encoder's device, padded as SD pads (the pad token is the
+    tokenizer's own)."""
     device = next(encoder.parameters()).device
     out = []
     for i in range(0, len(prompts), batch_size):
         ids = tokenizer(prompts[i:i + batch_size], padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids
-        out.append(encoder(ids.to(device)).last_hidden_state.float().cpu())
+        out.append(encoder(ids.to(device)).last_hidden_state.float())
     return torch.cat(out)
 
 

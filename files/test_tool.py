@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 import miniature
 import swiftbrush as sb
 from conftest import (CPU, UNET_FILE, assert_same_ckpt, cli, cli_args, cli_error, read_ckpt, read_log, run)
-from files import checkpoint, models
+from files import checkpoint, models, prompts
 from unet import WeightsError
 
 pytest.importorskip("diffusers")  # the tiny folders are built by diffusers' save_pretrained
@@ -363,3 +363,23 @@ def test_default_model_says_which_and_why(monkeypatch, capsys):
     assert cfg.lr == miniature.DEFAULTS["lr"] != sb.Config.lr  # the miniature's own defaults, flags over them
 
 
+
+
+# --------------------------------------------------------------------------------------------------
+# A prompt list of any length: each batch's prompts encoded when drawn (files/prompts.py)
+
+
+def test_100k_prompts_train_encoding_only_each_batchs_prompts(sd_root, tmp_path, monkeypatch):
+    lines = tmp_path / "prompts.txt"
+    lines.write_text("".join(f"a photo of thing number {i}\n" for i in range(100_000)))
+    encoded, real = [], prompts.encode_prompts
+    monkeypatch.setattr(prompts, "encode_prompts", lambda tok, enc, chosen: encoded.append(list(chosen)) or
+                        real(tok, enc, chosen))
+    out = tmp_path / "run"
+    m, state, log = run(sd_root, out, 2, prompts=str(lines))
+    assert len(m.embeddings) == 100_000 and len(log) == 2
+    assert encoded[0] == [""] and [len(batch) for batch in encoded[1:]] == [2, 2]  # uncond once, then one batch a step
+    drawn = [m.prompts[i] for i in state["order"][:4].tolist()]  # the first epoch's order: the prompts trained on
+    assert encoded[1] + encoded[2] == drawn
+    tokenizer, encoder = models.load_text(sd_root)
+    assert torch.allclose(m.embeddings[state["order"][:2]], real(tokenizer, encoder, drawn[:2]), atol=1e-6)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 import unet
 import vae
 from conftest import TOL, rel_err
+from parity.configs import SD15, SD21, SD21_BASE, SD_VAE
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
@@ -307,17 +308,6 @@ def test_vae_legacy_attention_keys(vae_folder, tmp_path, as_conv):
 
 # --------------------------------------------------------------------------------------------------
 # Full-size configs on the meta device: keys and shapes equal to diffusers'
-
-_SD_BLOCKS = dict(down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-                  block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, in_channels=4, out_channels=4)
-SD15 = dict(_SD_BLOCKS, attention_head_dim=8, cross_attention_dim=768, use_linear_projection=False, sample_size=64)
-SD21_BASE = dict(_SD_BLOCKS, attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024,
-                 use_linear_projection=True, sample_size=64)
-SD21 = dict(SD21_BASE, upcast_attention=True, sample_size=96)
-SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-              layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
-              up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, sample_size=512)
 
 
 def _shapes(model):

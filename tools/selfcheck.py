@@ -1,0 +1,178 @@
+"""Where a paper-scale run stands on this machine, in two minutes: 20 Algorithm 1 iterations of the real train_step.
+
+    python -m tools.selfcheck                        # CUDA: SD 2.1-base's exact UNet and text encoder, random weights
+    python -m tools.selfcheck --model FOLDER_OR_HUB_ID  # a real teacher instead (its own text encoder and prompts)
+    python -m tools.selfcheck --batch-size 4 --checkpointing on --peak-tflops 989
+
+Without CUDA it runs the same on a small SD-shaped model in seconds (so CI runs it). Prints seconds per iteration,
+images per second, the FLOPs of one iteration (counted by PyTorch's FlopCounterMode; they include the recomputed
+forwards when gradient checkpointing is on), the model FLOPs utilisation (those FLOPs per second over the device's
+peak dense bf16 FLOP/s, from the table below by device name, or --peak-tflops), the peak memory against the memory
+plan, and the hours the paper's 20 000 iterations at batch 16 would take at this speed. Random weights need no
+download: nothing here depends on their values but the losses.
+"""
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+import zlib
+from types import SimpleNamespace
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import swiftbrush as sb
+from files.memory import peak_gb
+from files.prompts import PromptEmbeddings
+from parity.configs import SD2_TEXT, SD21_BASE
+from tools.bench import TRAIN_BENCH_UNET
+from unet import UNet
+
+# Peak dense bf16 tensor FLOP/s (TFLOP/s, no sparsity), from the vendors' data sheets; the first name that the
+# device's name contains wins, so the longer names come first.
+PEAK_BF16_TFLOPS = [("H100 PCIe", 756), ("H100 NVL", 835), ("H200", 989), ("H100", 989), ("B200", 2250),
+                    ("A100", 312), ("L40S", 362), ("L40", 181), ("L4", 121), ("RTX 4090", 165), ("RTX 3090", 71),
+                    ("A10", 125), ("A6000", 155)]
+SMALL_TEXT = dict(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=77, hidden_act="gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1)
+PAPER = {"steps": 20000, "batch": 16}  # the paper's run: 20k iterations at batch 16
+
+
+class RandomTokens:
+    """A tokenizer's stand-in for random weights (no vocabulary file needed): 77 ids per prompt, from its CRC."""
+    model_max_length = 77
+
+    def __init__(self, vocab_size):
+        self.vocab_size = vocab_size
+
+    def __call__(self, prompts, **kwargs):
+        ids = [torch.randint(0, self.vocab_size, (self.model_max_length,),
+                             generator=torch.Generator().manual_seed(zlib.crc32(p.encode()))) for p in prompts]
+        return SimpleNamespace(input_ids=torch.stack(ids))
+
+
+def random_models(cfg, device, big):
+    """SD 2.1-base's UNet and text encoder (big) or small SD-shaped ones, random weights, as load_models gives."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+    unet_config, text_config = (SD21_BASE, SD2_TEXT) if big else (TRAIN_BENCH_UNET, SMALL_TEXT)
+    torch.manual_seed(0)
+    with torch.device(device):  # built where it trains: SD 2.1-base's 866 M parameters initialise in a second
+        teacher = UNet(json.loads(json.dumps(unet_config)))  # as read from config.json
+        encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    text_dtype = torch.bfloat16 if sb.uses_bf16(cfg.precision, device) else torch.float32
+    prompts = [f"a random prompt number {i}" for i in range(256)]
+    embeddings = PromptEmbeddings(RandomTokens(text_config["vocab_size"]), encoder.to(device, text_dtype), prompts)
+    shape = (4, unet_config["sample_size"], unet_config["sample_size"])
+    return sb.Models(teacher, copy.deepcopy(teacher), sb.Schedule(), prompts, embeddings, embeddings.uncond, shape)
+
+
+def peak_tflops(device, given):
+    """--peak-tflops, else the table's entry for the device's name; None when neither says."""
+    if given or device.type != "cuda":
+        return given
+    name = torch.cuda.get_device_name(device)
+    return next((tflops for key, tflops in PEAK_BF16_TFLOPS if key in name), None)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_iterations(m, cfg, state, device, iterations):
+    """The loop's pieces (train_step, then the EMA as train() updates it): the first iteration under the FLOP
+    counter, the second a warm-up, the rest timed one by one. Returns (FLOPs of one iteration, [seconds])."""
+    autocast = sb.autocast_for(device, cfg.precision)
+
+    def iteration():
+        sb.train_step(m, cfg, state, autocast)
+        state["step"] += 1
+        if state["ema"] is not None and state["step"] % sb.EMA_EVERY == 0:
+            sb.update_ema(state["ema"], m.student, state["step"], cfg.ema_decay)
+
+    with FlopCounterMode(display=False) as counter:
+        iteration()
+    iteration()
+    seconds = []
+    for _ in range(iterations - 2):
+        synchronize(device)
+        t0 = time.perf_counter()
+        iteration()
+        synchronize(device)
+        seconds.append(time.perf_counter() - t0)
+    return counter.get_total_flops(), seconds
+
+
+def selfcheck(args):
+    """Build, plan, run, and return the numbers printed (a dict)."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    big = device.type == "cuda" and not args.small
+    batch = args.batch_size or (PAPER["batch"] if big else 2)
+    cfg = sb.Config(model=args.model or "random", batch_size=batch, precision=args.precision,
+                    checkpointing=args.checkpointing, save_every=0, sample_every=0, diagnose_every=0)
+    m = sb.load_models(cfg, device) if args.model else random_models(cfg, device, big)
+    state = sb.start_training(cfg, m, device)
+    plan = state["plan"]
+    what = args.model or ("SD 2.1-base's UNet and text encoder" if big else "a small SD-shaped UNet") + ", random weights"
+    n_params = sum(p.numel() for p in m.student.parameters())
+    precision = "bf16" if sb.uses_bf16(cfg.precision, device) else "fp32"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"selfcheck: {what} ({n_params / 1e6:.1f} M parameters), batch {batch}, latents {tuple(m.latent_shape)}, "
+          f"{precision}, checkpointing {'on' if plan['checkpointing'] else 'off'}, EMA on the "
+          f"{'device' if plan['EMA on the device'] else 'CPU'}; {name}, torch {torch.__version__}")
+    if not plan["fits"]:
+        print(f"  the plan says this does not fit the device's {plan['device memory']:.1f} GB: expect out of memory; "
+              f"try a smaller --batch-size")
+    flops, seconds = run_iterations(m, cfg, state, device, args.iterations)
+    s_iter = statistics.median(seconds)
+    peak = peak_tflops(device, args.peak_tflops)
+    planned = plan["device states in all"] + plan["activations (estimate)"]["on" if plan["checkpointing"] else "off"]
+    numbers = {"s_per_iter": s_iter, "images_per_s": batch / s_iter, "flops_per_iter": flops,
+               "mfu": flops / s_iter / (peak * 1e12) if peak else None, "peak_gb": peak_gb(device),
+               "planned_gb": planned, "paper_hours": PAPER["steps"] * s_iter * PAPER["batch"] / batch / 3600}
+    print(f"  {args.iterations} iterations: {s_iter:.3f} s/iter (median of the last {len(seconds)}), "
+          f"{numbers['images_per_s']:.2f} images/s")
+    print(f"  FLOPs per iteration (FlopCounterMode{', recomputation included' if plan['checkpointing'] else ''}): "
+          f"{flops:.3g}; " + (f"MFU {100 * numbers['mfu']:.1f}% of {peak} TFLOP/s (bf16 dense)" if peak
+                              else "MFU: unknown peak FLOP/s for this device, pass --peak-tflops"))
+    print(f"  peak memory {numbers['peak_gb']:.2f} GB ({'CUDA max allocated' if device.type == 'cuda' else 'RSS'}); "
+          f"the plan: {plan['device states in all']:.2f} GB of states + activations (estimate) = {planned:.2f} GB"
+          + (f" of the device's {plan['device memory']:.1f} GB" if plan["device memory"] else ""))
+    print(f"  the paper's {PAPER['steps']} iterations at batch {PAPER['batch']} at this speed: "
+          f"{numbers['paper_hours']:.2f} hours ({PAPER['steps'] * PAPER['batch'] / batch * flops:.2g} FLOP)")
+    return numbers
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="a Stable Diffusion folder or hub id (default: random weights, no download)")
+    p.add_argument("--batch-size", type=int, help=f"default {PAPER['batch']} on CUDA (the paper's), 2 on the CPU")
+    p.add_argument("--iterations", type=int, default=20, help="Algorithm 1 iterations (>= 3; default 20)")
+    p.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on the CPU")
+    p.add_argument("--checkpointing", choices=["auto", "on", "off"], default="auto")
+    p.add_argument("--peak-tflops", type=float, help="the device's peak dense bf16 TFLOP/s (default: by its name)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--small", action="store_true", help="the small model on CUDA too")
+    args = p.parse_args(argv)
+    if args.iterations < 3:
+        p.error("--iterations must be >= 3 (one counted, one warm-up, the rest timed)")
+    if args.batch_size is not None and args.batch_size < 1:
+        p.error("--batch-size must be >= 1")
+    return args
+
+
+def main(argv=None):
+    try:
+        return selfcheck(parse_args(argv))
+    except (sb.UsageError, sb.WeightsError) as e:
+        sys.exit(f"selfcheck: error: {e}")
+    except torch.cuda.OutOfMemoryError:
+        sys.exit("selfcheck: out of GPU memory; try a smaller --batch-size or --checkpointing on")
+
+
+if __name__ == "__main__":
+    main()

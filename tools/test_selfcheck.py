@@ -1,0 +1,29 @@
+"""tools/selfcheck.py on the CPU: the small model through the real train_step, numbers that hold together."""
+import pytest
+import torch
+
+from tools import selfcheck
+
+
+def test_selfcheck_runs_on_the_cpu(capsys):
+    one = selfcheck.main(["--iterations", "3", "--batch-size", "1", "--peak-tflops", "1"])
+    two = selfcheck.main(["--iterations", "3", "--batch-size", "2"])
+    out = capsys.readouterr().out
+    assert out.count("s/iter") == 2 and "% of 1.0 TFLOP/s" in out and "pass --peak-tflops" in out
+    assert 1.9 < two["flops_per_iter"] / one["flops_per_iter"] < 2.1  # an iteration's FLOPs scale with the batch
+    assert one["mfu"] == one["flops_per_iter"] / one["s_per_iter"] / 1e12 and two["mfu"] is None
+    assert one["peak_gb"] > 0 and one["planned_gb"] > 0 and two["images_per_s"] == 2 / two["s_per_iter"]
+
+
+@pytest.mark.parametrize("name, tflops", [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),
+                                          ("NVIDIA H200", 989), ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA L4", 121),
+                                          ("NVIDIA L40S", 362), ("NVIDIA GeForce RTX 4090", 165), ("Quadro P1000", None)])
+def test_peak_flops_by_device_name(monkeypatch, name, tflops):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
+    assert selfcheck.peak_tflops(torch.device("cuda"), None) == tflops
+    assert selfcheck.peak_tflops(torch.device("cuda"), 500.0) == 500.0
+
+
+def test_selfcheck_loads_a_given_model(sd_root, capsys):
+    numbers = selfcheck.main(["--model", sd_root, "--iterations", "3"])
+    assert f"selfcheck: {sd_root}" in capsys.readouterr().out and numbers["flops_per_iter"] > 0
