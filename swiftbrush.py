@@ -445,38 +445,15 @@ def miniature_package(model):
 
 def coco_evaluation(args, base):
     """--eval-captions (Stable Diffusion): a function that evaluates a trained student on COCO-2014 and returns its
-    numbers, or None. The method's second upward import, lazy like miniature_package: python -m evaluation, whose
-    inputs are checked here, before any training."""
+    numbers, or None. The method's second upward import, lazy like miniature_package: evaluation/ checks its inputs
+    now, before any training."""
     if "eval_captions" not in args:
         return None
     if base.model in MINIATURES:
         raise UsageError("--eval-captions: the miniature is scored against its world's truth; the COCO-2014 "
                          "evaluation is for Stable Diffusion students")
     import evaluation
-    from evaluation.__main__ import parse_args as evaluation_args
-    from evaluation.metrics import parse_metrics
-    if "eval_metrics" in args:
-        parse_metrics(args.eval_metrics, "--eval-metrics")
-
-    def argv(cfg):
-        given = {"--captions": args.eval_captions, "--images": getattr(args, "eval_images", None),
-                 "--n": getattr(args, "eval_n", None), "--metrics": getattr(args, "eval_metrics", None),
-                 "--device": cfg.device, "--student": cfg.out, "--out": os.path.join(cfg.out, "eval")}
-        flags = []
-        for flag, value in given.items():
-            if value is not None:
-                flags += [flag, str(value)]
-        return flags
-
-    try:
-        evaluation.check_inputs(evaluation_args(argv(base)))
-    except UsageError as e:
-        raise UsageError(f"the COCO-2014 evaluation (--eval-*): {e}") from None
-
-    def evaluate(cfg):
-        results = evaluation.evaluate(evaluation_args(argv(cfg)))
-        return {key: results[key] for key, _, _ in EVAL_COLUMNS if key in results}
-    return evaluate
+    return evaluation.student_evaluator(args, base)
 
 
 def parse_args(argv=None):

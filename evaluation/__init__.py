@@ -55,6 +55,35 @@ def evaluate(a):
     return write_results(a.out, model_name(a), numbers, protocol)
 
 
+def student_evaluator(args, base):
+    """For swiftbrush.py --eval-captions/--eval-images/--eval-n/--eval-metrics: the inputs checked now, before any
+    training, and a function that evaluates a trained run's student (cfg.out) and returns its table columns."""
+    from evaluation.__main__ import parse_args
+    from evaluation.metrics import parse_metrics
+    if "eval_metrics" in args:
+        parse_metrics(args.eval_metrics, "--eval-metrics")
+
+    def flags(cfg):
+        given = {"--captions": args.eval_captions, "--images": getattr(args, "eval_images", None),
+                 "--n": getattr(args, "eval_n", None), "--metrics": getattr(args, "eval_metrics", None),
+                 "--device": cfg.device, "--student": cfg.out, "--out": os.path.join(cfg.out, "eval")}
+        argv = []
+        for flag, value in given.items():
+            if value is not None:
+                argv += [flag, str(value)]
+        return parse_args(argv)
+
+    try:
+        check_inputs(flags(base))
+    except UsageError as e:
+        raise UsageError(f"the COCO-2014 evaluation (--eval-*): {e}") from None
+
+    def evaluate_student(cfg):
+        results = evaluate(flags(cfg))
+        return {key: results[key] for key, _, _ in EVAL_COLUMNS if key in results}
+    return evaluate_student
+
+
 # --------------------------------------------------------------------------------------------------
 # The inputs: prompts and real images
 

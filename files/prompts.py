@@ -3,7 +3,7 @@ is drawn, by the frozen text encoder kept on the training device, so no [P, 77, 
 held (the paper's ~1.4 M JourneyDB prompts at 315 KB each would be ~440 GB).
 
 Why per batch and not a memory-mapped cache of precomputed states on disk (what the authors' code reads): measured
-on this CPU (`python -m tools.bench prompts`, README), the cache costs a pass over every prompt before step 1 and
+on this CPU (`python -m tools.bench_options prompts`, README), the cache costs a pass over every prompt before step 1 and
 77 x D x 2-4 bytes of disk per prompt (220-440 GB at paper scale), and its pages, once read, count in the process's
 resident memory; encoding per batch costs one text-encoder forward of B prompts per render (SD 2.1-base: ~1% of an
 iteration's FLOPs) and the encoder's weights on the device (0.68 GB in bf16). The miniature takes the same path."""
