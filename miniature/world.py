@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from evaluation.metrics import frechet_distance  # the FID formula, one copy for COCO and the miniature
+
 
 RES = 16
 # Components within [-0.7, 0.7]: data pixels never reach |x| > 0.7, so a generator's over-saturation and clipping
@@ -205,19 +207,6 @@ def features(images):
     grad = 0.5 * ((x[..., 1:, :] - x[..., :-1, :]).abs().mean((2, 3)) + (x[..., 1:] - x[..., :-1]).abs().mean((2, 3)))
     out = (x.abs().amax(1) > 0.75).float().mean((1, 2))[:, None]
     return torch.cat([pooled, hist, grey, std, grad, out], 1).double().numpy()
-
-
-def _sqrtm_psd(a):
-    """Square root of a symmetric PSD matrix by eigendecomposition (tiny negative eigenvalues from rounding -> 0)."""
-    w, v = np.linalg.eigh((a + a.T) / 2)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-
-
-def frechet_distance(mu1, cov1, mu2, cov2):
-    """|mu1 - mu2|^2 + tr(C1 + C2 - 2 (C1^1/2 C2 C1^1/2)^1/2), the FID formula with a symmetric, scipy-free sqrt."""
-    s1 = _sqrtm_psd(cov1)
-    covmean = _sqrtm_psd(s1 @ cov2 @ s1)
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * np.trace(covmean))
 
 
 def _gaussian(f):
