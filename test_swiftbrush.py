@@ -558,18 +558,26 @@ def test_memory_plan_of_full_size_sd21_base_is_the_readmes_table(sd_root, monkey
     assert plan["cpu"] == {"EMA of the student": 3.46, "prompt embeddings": 0}
     acts = plan["activations (estimate)"]
     assert f"| {acts['off']:.2f} / {acts['on']:.2f} |" in table
+    # --step-in-backward: the student's gradients one parameter's at a time (the largest, an up block's 3x3 conv)
+    in_backward = memory.memory_plan(replace(cfg, ema_decay=0.999, step_in_backward=True), m, state, meta)
+    grads = [gb for part, gb in in_backward["device"].items() if part.startswith("student grads")]
+    largest = max(p.numel() for p in m.student.parameters()) * 4 / 1e9
+    assert grads == [round(largest, 2)] and f"| {grads[0]:.2f} |" in table.splitlines()[9]
+    assert f"**{in_backward['device states in all']:.1f}**" in table.splitlines()[10]
 
     # --checkpointing auto, the EMA's place and whether it fits, on (faked) cards: the README's table, row for row
     decisions = readme[readme.index("| card GB | batch |"):].split("\n\n")[0].splitlines()[2:]
-    assert decisions
+    assert decisions and {row.split("|")[3].strip() for row in decisions} == {"yes", "no"}
     for row in decisions:
-        total, batch, *want = [cell.strip() for cell in row.strip("|").split("|")]
+        total, batch, step_in_backward, *want = [cell.strip() for cell in row.strip("|").split("|")]
         monkeypatch.setattr(memory, "device_memory_gb", lambda device: float(total))
-        p = memory.memory_plan(replace(cfg, ema_decay=0.999, batch_size=int(batch)), m, state, meta)
+        p = memory.memory_plan(replace(cfg, ema_decay=0.999, batch_size=int(batch),
+                                       step_in_backward=step_in_backward == "yes"), m, state, meta)
         used = p["device states in all"] + p["activations (estimate)"]["on" if p["checkpointing"] else "off"]
         got = ["on" if p["checkpointing"] else "off", "device" if p["EMA on the device"] else "CPU", f"{used:.1f}",
                "yes" if p["fits"] else "no"]
         assert got == want, row
+
 
 # --------------------------------------------------------------------------------------------------
 # --step-in-backward: the student's Adam step inside its backward (two backwards: the first for the clipping norm)
