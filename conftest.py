@@ -126,6 +126,13 @@ def read_ckpt(path):
     return load_file(str(path)), meta
 
 
+def same_tensors(a, b):
+    """The checkpoints' tensors (weights, EMA, LoRA, both Adam states, RNG, order) equal bit for bit; their configs
+    may differ."""
+    (ta, _), (tb, _) = read_ckpt(a), read_ckpt(b)
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
 def assert_same_ckpt(a, b):
     (ta, ma), (tb, mb) = read_ckpt(a), read_ckpt(b)
     assert set(ta) == set(tb)

@@ -30,6 +30,7 @@ from files.memory import memory_plan, peak_gb, write_memory_plan
 from files.models import UsageError, latent_shape, pick_model, read_prompts, resolve_model, scheduler_config
 from files.prompts import prompt_embeddings
 from files.report import EVAL_COLUMNS, LOSS_COLUMNS, Report, loss_numbers
+from files.step_in_backward import OptimiserPerParameter, each_gradient
 from lora import inject_lora, lora_disabled
 from unet import UNet, WeightsError, load_unet
 from vae import load_vae, to_images
@@ -74,6 +75,7 @@ class Config:
     device: str = None             # default: cuda if available
     precision: str = None          # bf16: the GPU recipe (default on CUDA) | fp32 (default on the CPU)
     checkpointing: str = "auto"    # gradient checkpointing: auto (where the memory plan says it is needed) | on | off
+    step_in_backward: bool = False # the student's Adam step inside its backward: its gradients never held whole
 
 
 # ==================================================================================================
@@ -206,7 +208,8 @@ def diffusion_loss(unet, x0, context, uncond, schedule, gen, p_uncond=0.1, abar_
 def train_step(m, cfg, state, autocast):
     """Algorithm 1, one iteration (over cfg.grad_accum micro-batches). Returns the numbers to log.
 
-    The student is stepped (its gradients freed) before the LoRA pass: one UNet of gradients less at the peak."""
+    The student is stepped (its gradients freed) before the LoRA pass: one UNet of gradients less at the peak; with
+    --step-in-backward (one micro-batch) it is stepped inside its backward, its gradients never held whole."""
     logs = {"loss_student": 0.0}
     renders = []  # (sg(x0), y) of each micro-batch, for step 5
     for _ in range(cfg.grad_accum):
@@ -214,10 +217,14 @@ def train_step(m, cfg, state, autocast):
             x0, context = render(m, cfg, state)                                  # step 1: x0 = f_theta(z, y)
             g = score_gradient(m, cfg, x0.detach(), context, state["gen"])       # steps 2-3
         loss = surrogate_loss(x0, g)                                             # step 4: d loss / d x0 = g / N
-        (loss / cfg.grad_accum).backward()
+        if cfg.step_in_backward:
+            logs["grad_norm_student"] = clip_and_step_in_backward(state["opt_student"], loss, state)
+        else:
+            (loss / cfg.grad_accum).backward()
         logs["loss_student"] += loss.item() / cfg.grad_accum
         renders.append((x0.detach(), context))
-    logs["grad_norm_student"] = clip_and_step(state["opt_student"], "student", logs["loss_student"], state)
+    if not cfg.step_in_backward:
+        logs["grad_norm_student"] = clip_and_step(state["opt_student"], "student", logs["loss_student"], state)
     if cfg.loss == "vsd":                                                        # step 5: Eq. 6 on sg(x0)
         for k in range(cfg.lora_steps):
             if k > 0:  # the two time-scale update (DMD2): each further LoRA step on fresh renders of the student
@@ -244,14 +251,44 @@ def render(m, cfg, state):
 
 def clip_and_step(opt, name, loss, state):
     """Adam step on gradients clipped to norm 1, once loss and gradient are known finite; returns the norm."""
-    if not math.isfinite(loss):
-        raise TrainingDiverged(f"loss_{name} became {loss} at step {state['step'] + 1}")
+    check_finite(f"loss_{name}", loss, state)
     norm = torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], 1.0).item()
-    if not math.isfinite(norm):
-        raise TrainingDiverged(f"the {name} gradient norm became {norm} at step {state['step'] + 1}")
+    check_finite(f"the {name} gradient norm", norm, state)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return norm
+
+
+def clip_and_step_in_backward(opt, loss, state):
+    """--step-in-backward: clip_and_step for the student (`opt`: one Adam per parameter), inside its backward, so that
+    at most one parameter's gradient exists at a time. The clipping needs the global norm, known only after a whole
+    backward, so the backward runs twice through the retained graph: the first takes each gradient's norm and frees
+    it, the second scales each gradient as clip_grad_norm_ does, steps its parameter and frees it."""
+    check_finite("loss_student", loss.item(), state)
+    norms = {}  # p -> the norm of p's gradient: one scalar per parameter
+
+    def keep_norm(p):
+        norms[p] = torch.linalg.vector_norm(p.grad)
+
+    with each_gradient(opt.params, keep_norm):
+        loss.backward(retain_graph=True)
+    in_order = [norms[p] for p in opt.params if p in norms]  # clip_grad_norm_'s order, so its rounding too
+    norm = torch.linalg.vector_norm(torch.stack(in_order))   # the norm of the norms, as clip_grad_norm_
+    check_finite("the student gradient norm", norm.item(), state)
+    clip = torch.clamp(1.0 / (norm + 1e-6), max=1.0)          # clip_grad_norm_'s factor at max_norm 1
+
+    def clip_and_step_one(p):
+        p.grad.mul_(clip)
+        opt.optimisers[p].step()
+
+    with each_gradient(opt.params, clip_and_step_one):
+        loss.backward()
+    return norm.item()
+
+
+def check_finite(what, value, state):
+    if not math.isfinite(value):
+        raise TrainingDiverged(f"{what} became {value} at step {state['step'] + 1}")
 
 
 def next_prompts(state, n):
@@ -301,13 +338,23 @@ def start_training(cfg, m, device):
         opt_lora = adam(phi, cfg.lora_lr, device)
     gen = torch.Generator().manual_seed(cfg.seed)  # all of the loop's randomness: resumable exactly
     state = {"step": 0, "cursor": 0, "order": torch.randperm(len(m.prompts), generator=gen), "gen": gen,
-             "opt_student": adam(m.student.parameters(), cfg.lr, device), "opt_lora": opt_lora, "ema": None}
+             "opt_student": student_optimiser(cfg, m, device), "opt_lora": opt_lora, "ema": None}
     state["plan"] = plan = memory_plan(cfg, m, state, device)
     m.teacher.gradient_checkpointing = m.student.gradient_checkpointing = plan["checkpointing"]
     if cfg.ema_decay > 0:  # the step does not need it: on the CPU unless the device has room to spare
         where = device if plan["EMA on the device"] else "cpu"
         state["ema"] = {k: v.detach().float().to(where).clone() for k, v in m.student.state_dict().items()}
     return state
+
+
+def student_optimiser(cfg, m, device):
+    """The student's Adam; with --step-in-backward one per parameter (files/step_in_backward.py), the same steps."""
+    if not cfg.step_in_backward:
+        return adam(m.student.parameters(), cfg.lr, device)
+    if cfg.grad_accum > 1:
+        raise UsageError("--step-in-backward steps the student inside each backward, so it cannot hold gradients "
+                         "across --grad-accum micro-batches: use --grad-accum 1 or drop --step-in-backward")
+    return OptimiserPerParameter(m.student.parameters(), lambda params: adam(params, cfg.lr, device))
 
 
 def adam(params, lr, device):

@@ -20,8 +20,10 @@ from files.models import UsageError
 from lora import lora_state_dict
 
 CHECKPOINT = "checkpoint.safetensors"  # in the run's --out folder
-# Flags that may differ between a run and its --resume (everything else must match the checkpoint).
-RESUMABLE = {"steps", "save_every", "sample_every", "diagnose_every", "device", "checkpointing", "out"}
+# Flags that may differ between a run and its --resume (everything else must match the checkpoint). --checkpointing
+# and --step-in-backward are memory choices with the same arithmetic (tested: bit-identical weights).
+RESUMABLE = {"steps", "save_every", "sample_every", "diagnose_every", "device", "checkpointing", "step_in_backward",
+             "out"}
 
 
 class CheckpointError(ValueError):
@@ -101,7 +103,7 @@ def load_checkpoint(cfg, m, state):
     if diff:
         raise CheckpointError(f"{path} was trained with other settings: {', '.join(diff)}; resume with the same flags "
                               f"(only --steps, --save-every, --sample-every, --diagnose-every, --device, "
-                              f"--checkpointing may change)")
+                              f"--checkpointing, --step-in-backward may change)")
     if meta["prompts_sha256"] != _sha(m.prompts):
         raise CheckpointError(f"{path} was trained on another prompt list; resume with the same --prompts file")
     with torch.no_grad():

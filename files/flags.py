@@ -54,6 +54,9 @@ def parse_args(argv, description, defaults):
     p.add_argument("--checkpointing", choices=["auto", "on", "off"],
                    help="gradient checkpointing of both UNets: auto (default: on only where the memory plan "
                         "says the activations would not fit the device without it), on, off")
+    p.add_argument("--step-in-backward", action="store_true",
+                   help="step the student's Adam inside its backward (two backwards: the first for the clipping "
+                        "norm), so that its gradients are never held whole; not with --grad-accum > 1")
     p.add_argument("--resume", action="store_true", default=False,
                    help="continue the checkpoint in --out if there is one, else start at step 0")
     p.add_argument("--ablation", action="store_true", default=False,

@@ -31,12 +31,16 @@ def memory_plan(cfg, m, state, device):
     lora = lora_parameters(m.teacher) if state["opt_lora"] is not None else []
     is_lora = {id(p) for p in lora}
     text_encoder = getattr(m.embeddings, "encoder", None)  # files/prompts.py; a plain tensor of states has none
+    if cfg.step_in_backward:  # each gradient is freed as soon as its parameter is stepped: at most the largest one
+        grads = ("student grads (--step-in-backward: one parameter's at a time)", max(nbytes([p]) for p in student))
+    else:
+        grads = ("student grads (freed before the LoRA pass)", nbytes(student))
     on_device = {
         "teacher UNet (eps_psi, and eps_phi's base: one copy)": nbytes(p for p in m.teacher.parameters()
                                                                       if id(p) not in is_lora),
         "LoRA phi: weights, grads, Adam m and v": 4 * nbytes(lora),  # fp32, as the student's
         "student theta: weights": nbytes(student),
-        "student grads (freed before the LoRA pass)": nbytes(student),
+        grads[0]: grads[1],
         "student Adam m and v": 2 * nbytes(student),
         "text encoder (frozen; encodes each batch's prompts)": nbytes(text_encoder.parameters()) if text_encoder else 0,
     }

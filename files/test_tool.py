@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 
 import miniature
 import swiftbrush as sb
-from conftest import (CPU, UNET_FILE, assert_same_ckpt, cli, cli_args, cli_error, read_ckpt, read_log, run)
+from conftest import (CPU, UNET_FILE, assert_same_ckpt, cli, cli_args, cli_error, read_ckpt, read_log, run,
+                      same_tensors)
 from files import checkpoint, models, prompts
 from unet import WeightsError
 
@@ -261,6 +262,26 @@ def test_sigkill_at_any_moment_then_resume_gives_the_uninterrupted_weights(sd_ro
         a = load_file(str(straight / sub / "diffusion_pytorch_model.safetensors"))
         b = load_file(str(killed / sub / "diffusion_pytorch_model.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_step_in_backward_after_sigkill_resumes_to_the_uninterrupted_weights(sd_root, straight6, tmp_path, capsys):
+    """--step-in-backward killed after its step-4 checkpoint, then resumed: straight6's weights, Adam states and
+    log (the normal path's: the same steps). With --grad-accum 2: refused, one line, nothing written."""
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    out = tmp_path / "killed"
+    argv = cli_args(sd_root, out, 6) + ["--step-in-backward"]
+    argv[argv.index("--save-every") + 1] = "2"
+    for kill, code in (("step:5", -signal.SIGKILL), ("never:0", 0)):
+        done = subprocess.run([sys.executable, str(script), os.path.dirname(os.path.abspath(sb.__file__)), *argv,
+                               "--resume"], env={**os.environ, "OMP_NUM_THREADS": "1", "KILL_AT": kill},
+                              capture_output=True, text=True)
+        assert done.returncode == code, done.stderr[-2000:]
+    assert read_ckpt(out / "checkpoint.safetensors")[1]["step"] == "6"
+    assert same_tensors(os.path.join(straight6[0], "checkpoint.safetensors"), out / "checkpoint.safetensors")
+    assert read_log(straight6[0]) == read_log(out)
+    line = cli_error(cli_args(sd_root, tmp_path / "accum", 2) + ["--step-in-backward", "--grad-accum", "2"], capsys)
+    assert "--step-in-backward" in line and "--grad-accum 1" in line and not (tmp_path / "accum").exists()
 
 
 # --------------------------------------------------------------------------------------------------

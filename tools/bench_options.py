@@ -1,7 +1,9 @@
 """What the GPU recipe's options cost and save, measured on this CPU, each against the plain run.
 
     python -m tools.bench_options                # train, then prompts
-    python -m tools.bench_options train          # checkpointing, Adam's step, torch.compile (compiles ~5 minutes)
+    python -m tools.bench_options train          # checkpointing, Adam's step, torch.compile (compiles ~5 minutes),
+                                                 # the step inside the backward
+    python -m tools.bench_options train backward # only the options whose names contain a word given
     python -m tools.bench_options prompts        # prompt states: encoded per batch, memory-mapped cache, all in RAM
 
 train: swiftbrush.train_step on a medium SD-shaped UNet (tools/bench.py's TRAIN_BENCH_UNET, 9 M parameters, batch 2,
@@ -36,7 +38,8 @@ from tools.bench import TRAIN_BENCH, TRAIN_BENCH_UNET, _interleaved, _peak_rss, 
 OPTIONS = {"plain: fp32, fused Adam, no checkpointing": {},
            "gradient checkpointing on": {"checkpointing": "on"},
            "Adam's multi-tensor (foreach) step instead of the fused one": {"adam": "foreach"},
-           "torch.compile of both UNets": {"compile": True}}
+           "torch.compile of both UNets": {"compile": True},
+           "the student's step inside its backward (--step-in-backward)": {"step_in_backward": True}}
 TEXT = dict(vocab_size=1000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=2, num_attention_heads=16,
             max_position_embeddings=77, hidden_act="gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1)
 BATCH_OF_PROMPTS = 16
@@ -54,7 +57,8 @@ def build_train(option):
     g = torch.Generator().manual_seed(1)
     states = torch.randn(b["prompts"], b["tokens"], TRAIN_BENCH_UNET["cross_attention_dim"], generator=g)
     cfg = sb.Config(batch_size=b["batch"], lora_rank=b["lora_rank"], lora_alpha=b["lora_alpha"], lr=b["lr"],
-                    lora_lr=b["lora_lr"], ema_decay=0, checkpointing=option.get("checkpointing", "off"))
+                    lora_lr=b["lora_lr"], ema_decay=0, checkpointing=option.get("checkpointing", "off"),
+                    step_in_backward=option.get("step_in_backward", False))
     m = sb.Models(teacher, unet.UNet(teacher.config), sb.Schedule(), [str(i) for i in range(b["prompts"])], states,
                   states[:1] * 0, (4, b["latent"], b["latent"]))
     m.student.load_state_dict(teacher.state_dict())
@@ -201,6 +205,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_mem"]:
         return _memory_child(*argv[1:4])
+    if argv[:1] == ["train"] and argv[1:]:  # train, only the options whose names contain one of these words
+        return bench_train(which=[name for name in OPTIONS if any(word in name for word in argv[1:])])
     which = argv or ["train", "prompts"]
     for name in which:
         {"train": bench_train, "prompts": bench_prompts}[name]()

@@ -113,7 +113,8 @@ def selfcheck(args):
     big = device.type == "cuda" and not args.small
     batch = args.batch_size or (PAPER["batch"] if big else 2)
     cfg = sb.Config(model=args.model or "random", batch_size=batch, precision=args.precision,
-                    checkpointing=args.checkpointing, save_every=0, sample_every=0, diagnose_every=0)
+                    checkpointing=args.checkpointing, step_in_backward=args.step_in_backward, save_every=0,
+                    sample_every=0, diagnose_every=0)
     m = sb.load_models(cfg, device) if args.model else random_models(cfg, device, big)
     state = sb.start_training(cfg, m, device)
     plan = state["plan"]
@@ -123,7 +124,9 @@ def selfcheck(args):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"selfcheck: {what} ({n_params / 1e6:.1f} M parameters), batch {batch}, latents {tuple(m.latent_shape)}, "
           f"{precision}, checkpointing {'on' if plan['checkpointing'] else 'off'}, EMA on the "
-          f"{'device' if plan['EMA on the device'] else 'CPU'}; {name}, torch {torch.__version__}")
+          f"{'device' if plan['EMA on the device'] else 'CPU'}"
+          + (", the student stepped inside its backward" if cfg.step_in_backward else "")
+          + f"; {name}, torch {torch.__version__}")
     if not plan["fits"]:
         print(f"  the plan says this does not fit the device's {plan['device memory']:.1f} GB: expect out of memory; "
               f"try a smaller --batch-size")
@@ -154,6 +157,8 @@ def parse_args(argv=None):
     p.add_argument("--iterations", type=int, default=20, help="Algorithm 1 iterations (>= 3; default 20)")
     p.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on the CPU")
     p.add_argument("--checkpointing", choices=["auto", "on", "off"], default="auto")
+    p.add_argument("--step-in-backward", action="store_true",
+                   help="as swiftbrush.py's: the student's step inside its backward, its gradients never held whole")
     p.add_argument("--peak-tflops", type=float, help="the device's peak dense bf16 TFLOP/s (default: by its name)")
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     p.add_argument("--small", action="store_true", help="the small model on CUDA too")

@@ -27,3 +27,11 @@ def test_peak_flops_by_device_name(monkeypatch, name, tflops):
 def test_selfcheck_loads_a_given_model(sd_root, capsys):
     numbers = selfcheck.main(["--model", sd_root, "--iterations", "3"])
     assert f"selfcheck: {sd_root}" in capsys.readouterr().out and numbers["flops_per_iter"] > 0
+
+
+def test_selfcheck_passes_step_in_backward(capsys):
+    """--step-in-backward goes to the Config: the student's second backward shows in the FLOPs of an iteration."""
+    plain = selfcheck.main(["--iterations", "3", "--batch-size", "1"])
+    in_backward = selfcheck.main(["--iterations", "3", "--batch-size", "1", "--step-in-backward"])
+    assert capsys.readouterr().out.count("the student stepped inside its backward") == 1
+    assert 1.15 < in_backward["flops_per_iter"] / plain["flops_per_iter"] < 1.3  # measured 1.21: + 2 UNet forwards of ~9.5
