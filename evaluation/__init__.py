@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import zipfile
 
 import numpy as np
@@ -75,8 +76,9 @@ def student_evaluator(args, base):
 
     try:
         check_inputs(flags(base))
-    except UsageError as e:
-        raise UsageError(f"the COCO-2014 evaluation (--eval-*): {e}") from None
+    except UsageError as e:  # its messages name this command's flags: --images here is --eval-images
+        message = re.sub(r"--(captions|images|n|metrics)\b", r"--eval-\1", str(e))
+        raise UsageError(f"the COCO-2014 evaluation: {message}") from None
 
     def evaluate_student(cfg):
         results = evaluate(flags(cfg))
@@ -119,7 +121,11 @@ def image_files(folder):
                          "(or --metrics clip)")
     if not os.path.isdir(folder):
         raise UsageError(f"--images {folder}: not a folder; pass COCO's val2014/ folder")
-    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_TYPES))
+    try:
+        names = os.listdir(folder)
+    except OSError as e:
+        raise UsageError(f"--images {folder}: cannot read it ({e.strerror or e})") from None
+    files = sorted(os.path.join(folder, f) for f in names if f.lower().endswith(IMAGE_TYPES))
     if len(files) < 2:
         raise UsageError(f"--images {folder} holds {len(files)} .jpg/.png images; pass the folder that holds the "
                          f"images themselves (COCO's val2014/: 40,504)")
@@ -188,7 +194,8 @@ def generation_protocol(a, g):
     given = a.student or a.model
     return {"model": model_name(a), "path": os.path.abspath(given) if os.path.exists(given) else given,
             "resolution": g.latent_shape[-1] * factor, "seed": a.seed, "noise": NOISE_RULE,
-            "precision": "student fp32; teacher and VAE bf16 on CUDA, fp32 on the CPU"}
+            "precision": "student fp32; teacher, VAE and text encoder bf16 on CUDA, fp32 on the CPU",
+            "device": g.device.type, "batch size": a.batch_size}  # the images' last bits depend on both
 
 
 def check_out_folder(out, protocol):
@@ -196,8 +203,11 @@ def check_out_folder(out, protocol):
     larger or smaller --n is not: the first n images of a prompt list are the same)."""
     path = os.path.join(out, "evaluation.json")
     if os.path.exists(path):
-        with open(path) as f:
-            before = json.load(f)
+        try:
+            with open(path) as f:
+                before = json.load(f)
+        except (OSError, ValueError):
+            raise UsageError(f"{path} is damaged: delete it (the images beside it are kept) or pass another --out") from None
         differ = sorted(k for k in set(before) | set(protocol) if before.get(k) != protocol.get(k))
         if differ:
             raise UsageError(f"{out} holds the images of another evaluation (its {', '.join(differ)} differ): pass "

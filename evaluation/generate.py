@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from files.images import to_uint8
-from files.models import encode_prompts
+from files.models import UsageError, encode_prompts
 from sample import sample_images
 
 NOISE_RULE = "x_T of image i: torch.randn(latent shape) on the CPU, generator seeded with (seed << 32) + i"
@@ -39,6 +39,15 @@ def write_png(pixels, path):
     os.replace(tmp, path)
 
 
+def wait_for_writes(writes, folder):
+    """Wait for a batch's PNG writes; a failed one (a full disk, a read-only folder) is one line."""
+    try:
+        for w in writes:
+            w.result()
+    except OSError as e:
+        raise UsageError(f"cannot write the images into {folder}: {e.strerror or e}") from None
+
+
 def generate_images(g, prompts, a, folder):
     """Write the missing images of `prompts` ([(key, text)]) with the Generator g; returns the n image paths."""
     from tqdm import tqdm
@@ -52,17 +61,18 @@ def generate_images(g, prompts, a, folder):
     t0 = time.time()
     with ThreadPoolExecutor(2) as writer, tqdm(total=n, initial=n - len(missing), desc="images", unit="img",
                                               dynamic_ncols=True) as bar:
-        written = []
+        pending = []  # the writes of the last batches: at most two batches of images wait in memory
         for batch in batches:
             context = encode_prompts(g.tokenizer, g.encoder, [prompts[i][1] for i in batch])
             images = to_uint8(sample_images(g, noise(a.seed, batch, g.latent_shape), context, a.teacher_steps,
                                             a.guidance))
-            for i, pixels in zip(batch, images):
-                if i in missing:
-                    written.append(writer.submit(write_png, pixels, paths[i]))
+            pending.append([writer.submit(write_png, pixels, paths[i]) for i, pixels in zip(batch, images)
+                            if i in missing])
+            if len(pending) > 2:
+                wait_for_writes(pending.pop(0), folder)
             bar.update(len(missing & set(batch)))
-        for w in written:
-            w.result()  # a failed write raises here
+        for writes in pending:
+            wait_for_writes(writes, folder)
     print(f"images: {len(missing)} generated in {time.time() - t0:.1f} s "
           f"({len(missing) / (time.time() - t0):.2f} images/s) into {folder}")
     return paths

@@ -29,6 +29,8 @@ def coco_captions(path, n):
             first.setdefault(a["image_id"], a["caption"].strip())
     except FileNotFoundError:
         raise UsageError(f"captions file {path!r} not found (COCO's annotations/captions_val2014.json)") from None
+    except OSError as e:
+        raise UsageError(f"cannot read captions file {path!r}: {e.strerror or e}") from None
     except (ValueError, UnicodeDecodeError):
         raise UsageError(f"captions file {path!r} is not JSON: pass COCO's annotations/captions_val2014.json") from None
     except (KeyError, TypeError, AttributeError):

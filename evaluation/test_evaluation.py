@@ -279,7 +279,7 @@ def test_ablation_table_gets_the_coco_columns(sd_root, coco, feature_models, tmp
     out = tmp_path / "ablation"
     evaluate = ["--ablation", "--eval-captions", coco[0], "--eval-images", coco[1], "--eval-metrics", "clip,fd-dinov2"]
     line = cli_error(cli_args(sd_root, out, 1) + evaluate + ["--eval-n", "50"], capsys)  # checked before training
-    assert "the COCO-2014 evaluation (--eval-*): --n 50: " in line and not out.exists()
+    assert "the COCO-2014 evaluation: --eval-n 50: " in line and not out.exists()  # the flag the user typed
     monkeypatch.setitem(sys.modules, "cleanfid", None)  # not installed
     line = cli_error(cli_args(sd_root, out, 1) + evaluate[:-1] + ["fid", "--eval-n", "3"], capsys)
     assert "FID needs clean-fid" in line and not out.exists()
@@ -307,6 +307,7 @@ def eval_error(argv):
 @pytest.mark.parametrize("change, words", [
     ({"--captions": "missing.json"}, "not found"),
     ({"--captions": "not-json"}, "is not JSON"),
+    ({"--captions": "empty"}, "cannot read captions file"),  # a folder
     ({"--captions": "not-coco"}, "not a COCO captions file"),
     ({"--n": "12"}, "--n 12: "),
     ({"--n": "1"}, "needs at least 2 images"),
@@ -333,6 +334,16 @@ def test_bad_input_is_one_line(student_run, coco, feature_models, tmp_path, monk
         argv[argv.index(flag) + 1] = value
     assert words in eval_error(argv)
     assert not (tmp_path / "out").exists()
+
+
+def test_damaged_protocol_and_failed_writes_are_one_line(student_run, coco, feature_models, tmp_path):
+    argv = ["--student", student_run] + eval_args(tmp_path / "out", coco, feature_models, "--metrics", "clip")
+    os.makedirs(tmp_path / "out")
+    (tmp_path / "out" / "evaluation.json").write_text("{half a protocol")
+    assert "evaluation.json is damaged: delete it" in eval_error(argv)
+    os.remove(tmp_path / "out" / "evaluation.json")
+    os.makedirs(tmp_path / "out" / "images" / "00000.png.tmp")  # the first write cannot replace a folder
+    assert "cannot write the images into" in eval_error(argv)
 
 
 def test_inception_weights_one_line_each(cleanfid, tmp_path):
