@@ -343,7 +343,7 @@ def start_training(cfg, m, device):
     m.teacher.gradient_checkpointing = m.student.gradient_checkpointing = plan["checkpointing"]
     if cfg.ema_decay > 0:  # the step does not need it: on the CPU unless the device has room to spare
         where = device if plan["EMA on the device"] else "cpu"
-        state["ema"] = {k: v.detach().float().to(where).clone() for k, v in m.student.state_dict().items()}
+        state["ema"] = {k: v.detach().float().to(where, copy=True) for k, v in m.student.state_dict().items()}
     return state
 
 
@@ -537,13 +537,13 @@ def main(argv=None):
                 print(f"export: {exported} (pipeline/, student.safetensors, student-unet.safetensors)")
             if mini:  # scored against the world's truth, beside the teacher
                 report.add_student(name, cfg, m, state)
-            else:  # no truth to score against: the losses, the speed and the samples
-                curves = (f"{cfg.loss}-{cfg.param}", read_log(cfg.out))
-                numbers = loss_numbers(cfg)
-                report.add(name, numbers, torch.cat(student_samples(m, cfg)), curves=curves)
-            del m, state  # one student in memory at a time
-            if coco:
-                numbers.update(coco(cfg))  # its row of the table gets the COCO-2014 numbers
+                del m, state  # one student in memory at a time
+                continue
+            # no truth to score against: the losses, the speed, the samples and, with --eval-captions, COCO-2014
+            samples = torch.cat(student_samples(m, cfg))
+            del m, state  # one student in memory at a time (the evaluation loads it again from cfg.out)
+            numbers = {**loss_numbers(cfg), **(coco(cfg) if coco else {})}
+            report.add(name, numbers, samples, curves=(f"{cfg.loss}-{cfg.param}", read_log(cfg.out)))
         if not mini and not coco:
             report.notes.append(f"FID, CLIP score and FD-DINOv2 (COCO-2014): add --eval-captions captions_val2014.json "
                                 f"--eval-images val2014/ to this command, or run python -m evaluation --student "

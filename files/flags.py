@@ -71,6 +71,9 @@ def parse_args(argv, description, defaults):
         p.error("--ablation trains three fresh students and cannot --resume: resume each of its folders alone")
     if args.ablation and ("loss" in args or "param" in args):
         p.error("--ablation sets --loss and --param itself: drop them")
+    if getattr(args, "step_in_backward", False) and getattr(args, "grad_accum", 1) > 1:
+        p.error("--step-in-backward steps the student inside each backward, so it cannot hold gradients across "
+                "--grad-accum micro-batches: use --grad-accum 1 or drop --step-in-backward")
     evals = [f"--{name.replace('_', '-')}" for name in ("eval_images", "eval_n", "eval_metrics") if name in args]
     if evals and "eval_captions" not in args:
         p.error(f"{', '.join(evals)}: evaluation needs --eval-captions captions_val2014.json")

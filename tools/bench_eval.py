@@ -53,7 +53,7 @@ def full_size_flops():
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, Dinov2Config, Dinov2Model
 
-    from parity.test_sd import SD21_BASE, SD_VAE
+    from parity.configs import SD21_BASE, SD_VAE
     from unet import UNet
     from vae import AutoencoderKL
 

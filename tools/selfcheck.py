@@ -24,6 +24,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import swiftbrush as sb
+from files.flags import AT_LEAST_1
 from files.memory import peak_gb
 from files.prompts import PromptEmbeddings
 from parity.configs import SD2_TEXT, SD21_BASE
@@ -153,7 +154,7 @@ def selfcheck(args):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a Stable Diffusion folder or hub id (default: random weights, no download)")
-    p.add_argument("--batch-size", type=int, help=f"default {PAPER['batch']} on CUDA (the paper's), 2 on the CPU")
+    p.add_argument("--batch-size", type=AT_LEAST_1, help=f"default {PAPER['batch']} on CUDA (the paper's), 2 on the CPU")
     p.add_argument("--iterations", type=int, default=20, help="Algorithm 1 iterations (>= 3; default 20)")
     p.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on the CPU")
     p.add_argument("--checkpointing", choices=["auto", "on", "off"], default="auto")
@@ -165,8 +166,6 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.iterations < 3:
         p.error("--iterations must be >= 3 (one counted, one warm-up, the rest timed)")
-    if args.batch_size is not None and args.batch_size < 1:
-        p.error("--batch-size must be >= 1")
     return args
 
 
