@@ -8,7 +8,6 @@ EMA's place (on the device when everything fits with it, so no GPU -> CPU copy o
 import json
 import os
 import resource
-from unittest.mock import patch
 
 import torch
 import torch.nn.functional as F
@@ -87,15 +86,30 @@ def activation_gb(m, cfg, bf16):
         x = torch.zeros(cfg.batch_size, *m.latent_shape, dtype=dtype)
         context = torch.zeros(cfg.batch_size, *m.uncond.shape[1:], dtype=dtype)
     weights = {id(p) for p in net.parameters()}  # saved too, but held anyway: not activations
-    keep = lambda t: t if id(t) in weights or id(t._base) in weights else saved.append(t) or t
-    saved, blocks = [], []  # the tensors kept for the backward; per block (first saved index, its outputs)
+    saved, blocks = [], []  # the tensors kept for the backward; per block [first saved index, its outputs]
+
+    def record_saved(t):
+        is_weight = id(t) in weights or id(t._base) in weights  # a weight, or a view of one (a transpose)
+        if not is_weight:
+            saved.append(t)
+        return t
+
+    def block_starts(module, args):
+        blocks.append([len(saved), None])
+
+    def block_ends(module, args, out):
+        blocks[-1][1] = [out[0], *out[1]]  # the hidden states and the skip connections it passes on
+
     for block in [*net.down_blocks, net.mid_block, *net.up_blocks]:
-        block.register_forward_pre_hook(lambda module, args: blocks.append([len(saved), None]))
-        block.register_forward_hook(lambda module, args, out: blocks[-1].__setitem__(1, [out[0], *out[1]]))
-    fused = lambda q, k, v, **kwargs: FusedAttentionSaves.apply(q, k, v)
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), \
-            patch.object(F, "scaled_dot_product_attention", fused):
-        net(x, torch.zeros(cfg.batch_size, dtype=torch.long, device="meta"), context)
+        block.register_forward_pre_hook(block_starts)
+        block.register_forward_hook(block_ends)
+    reference_attention = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = fused_attention
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(record_saved, lambda t: t):
+            net(x, torch.zeros(cfg.batch_size, dtype=torch.long, device="meta"), context)
+    finally:
+        F.scaled_dot_product_attention = reference_attention
     ends = [start for start, _ in blocks[1:]] + [len(saved)]
     inside = [_unique_bytes(saved[start:end]) for (start, _), end in zip(blocks, ends)]
     outputs = sum(_unique_bytes(out) for _, out in blocks)
@@ -107,6 +121,10 @@ def activation_gb(m, cfg, bf16):
 
 def _unique_bytes(tensors):
     return nbytes({id(t): t for t in tensors}.values())
+
+
+def fused_attention(q, k, v, **kwargs):
+    return FusedAttentionSaves.apply(q, k, v)
 
 
 class FusedAttentionSaves(torch.autograd.Function):
@@ -126,14 +144,17 @@ def write_memory_plan(plan, out):
         json.dump(plan, f, indent=2)
     lines = [f"  {k}: {v:.2f} GB" for where in ("device", "cpu") for k, v in plan[where].items() if v]
     acts, total = plan["activations (estimate)"], plan["device memory"]
-    print("memory plan (peak_gb in log.jsonl says what was used):\n" + "\n".join(lines)
-          + f"\n  on the device in all: {plan['device states in all']:.2f} GB of states, activations ~"
-          + f"{acts['on' if plan['checkpointing'] else 'off']:.2f} GB (estimate; without checkpointing "
-          + f"{acts['off']:.2f}, with it {acts['on']:.2f})" + (f", of {total:.1f} GB" if total else "")
-          + f"\n  gradient checkpointing {'on' if plan['checkpointing'] else 'off'}, the EMA on the "
-          + ("device" if plan["EMA on the device"] else "CPU")
-          + ("" if plan["fits"] else f"\n  this does not fit the device ({HEADROOM:.0%} of {total:.1f} GB): lower --batch-size, "
-                                     f"raise --grad-accum"))
+    checkpointing = "on" if plan["checkpointing"] else "off"
+    of_device = f", of {total:.1f} GB" if total else ""
+    lines.append(f"  on the device in all: {plan['device states in all']:.2f} GB of states, activations "
+                 f"~{acts[checkpointing]:.2f} GB (estimate; without checkpointing {acts['off']:.2f}, with it "
+                 f"{acts['on']:.2f}){of_device}")
+    lines.append(f"  gradient checkpointing {checkpointing}, the EMA on the "
+                 f"{'device' if plan['EMA on the device'] else 'CPU'}")
+    if not plan["fits"]:
+        lines.append(f"  this does not fit the device ({HEADROOM:.0%} of {total:.1f} GB): lower --batch-size, "
+                     f"raise --grad-accum")
+    print("memory plan (peak_gb in log.jsonl says what was used):\n" + "\n".join(lines))
 
 
 def peak_gb(device):
