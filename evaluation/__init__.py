@@ -22,6 +22,7 @@ import torch
 from evaluation.generate import NOISE_RULE, generate_images
 from evaluation.metrics import CLEANFID_MISSING, CLIP_PREFIX, EVAL_SIZE, frechet_distance, load_metrics, measure
 from evaluation.prompts import COCO_RULE, coco_captions, text_prompts
+from files.checkpoint import write_atomic
 from files.models import UsageError, cache_root
 from files.report import EVAL_COLUMNS, Report
 from sample import load_generator
@@ -214,9 +215,7 @@ def check_out_folder(out, protocol):
                              f"another --out, or delete {out}")
         return
     os.makedirs(out, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(protocol, f, indent=2)
-    os.replace(path + ".tmp", path)
+    write_atomic(json.dumps(protocol, indent=2), path)
 
 
 def metric_protocol(a, networks, n_real):
@@ -241,9 +240,7 @@ def write_results(out, name, numbers, protocol):
     report = Report(out, EVAL_COLUMNS)
     report.add(name, numbers)
     table = report.table()
-    for file, text in (("results.json", json.dumps(results, indent=2)), ("results.md", table + "\n")):
-        with open(os.path.join(out, file) + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(os.path.join(out, file) + ".tmp", os.path.join(out, file))
+    write_atomic(json.dumps(results, indent=2), os.path.join(out, "results.json"))
+    write_atomic(table + "\n", os.path.join(out, "results.md"))
     print(table)
     return results

@@ -148,10 +148,15 @@ def write_run_info(cfg, m):
     _atomic_write_json(info, os.path.join(cfg.out, "swiftbrush.json"))
 
 
-def _atomic_write_json(obj, path):
+def write_atomic(text, path):
+    """Write text to path via path.tmp and a rename: a killed process leaves the old file or the new one."""
     with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
+        f.write(text)
     os.replace(path + ".tmp", path)
+
+
+def _atomic_write_json(obj, path):
+    write_atomic(json.dumps(obj, indent=2), path)
 
 
 def read_log(out):
