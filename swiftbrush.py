@@ -382,6 +382,21 @@ def update_ema(ema, student, step, decay):
         ema[k].lerp_(v.detach().float().to(ema[k].device), 1 - D)
 
 
+def count_step(m, cfg, state):
+    """After train_step: the step is done; every EMA_EVERY steps the EMA follows the student."""
+    state["step"] += 1
+    if state["ema"] is not None and state["step"] % EMA_EVERY == 0:
+        update_ema(state["ema"], m.student, state["step"], cfg.ema_decay)
+
+
+def training_device(name=None):
+    """--device, by default cuda where there is one; on CUDA, TF32 matmuls and convolutions."""
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
 def uses_bf16(precision, device):
     """--precision, by default bf16 on CUDA and fp32 on the CPU (where bf16 runs too, to test the GPU recipe)."""
     return (precision or ("bf16" if device.type == "cuda" else "fp32")) == "bf16"
@@ -433,9 +448,7 @@ def train(cfg, models=None, progress=True):
     """Algorithm 1 for cfg.steps iterations in all, continuing the checkpoint in cfg.out if there is one.
     Returns (models, state): the trained student is models.student, its EMA state["ema"]."""
     from tqdm import tqdm
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    device = training_device(cfg.device)
     m = models or load_models(cfg, device)
     state = start_training(cfg, m, device)
     os.makedirs(cfg.out, exist_ok=True)
@@ -451,9 +464,7 @@ def train(cfg, models=None, progress=True):
         while state["step"] < cfg.steps and not ctrl_c:
             t0 = time.time()
             logs = train_step(m, cfg, state, autocast)
-            state["step"] += 1
-            if state["ema"] is not None and state["step"] % EMA_EVERY == 0:
-                update_ema(state["ema"], m.student, state["step"], cfg.ema_decay)
+            count_step(m, cfg, state)
             logs = {"step": state["step"], **logs, "sec_per_step": round(time.time() - t0, 4),
                     "peak_gb": peak_gb(device)}
             if cfg.diagnose_every and state["step"] % cfg.diagnose_every == 0:

@@ -89,9 +89,7 @@ def run_iterations(m, cfg, state, device, iterations):
 
     def iteration():
         sb.train_step(m, cfg, state, autocast)
-        state["step"] += 1
-        if state["ema"] is not None and state["step"] % sb.EMA_EVERY == 0:
-            sb.update_ema(state["ema"], m.student, state["step"], cfg.ema_decay)
+        sb.count_step(m, cfg, state)
 
     with FlopCounterMode(display=False) as counter:
         iteration()
@@ -108,9 +106,7 @@ def run_iterations(m, cfg, state, device, iterations):
 
 def selfcheck(args):
     """Build, plan, run, and return the numbers printed (a dict)."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    device = sb.training_device(args.device)
     big = device.type == "cuda" and not args.small
     batch = args.batch_size or (PAPER["batch"] if big else 2)
     cfg = sb.Config(model=args.model or "random", batch_size=batch, precision=args.precision,
