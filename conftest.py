@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import swiftbrush as sb
-from files import checkpoint
+from harness import checkpoint
 from parity.tiny_sd import make_tiny_sd
 
 # Set before anything imports huggingface_hub (it reads them once): no download ever, an empty hub cache, and the

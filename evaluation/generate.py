@@ -6,7 +6,7 @@ so that a stopped run continues where it stopped and ends with the images an uns
 - Batch k is always the prompts [kB, (k+1)B): generated whole when any of its images is missing (then only the
   missing ones are written), so every image comes from the same batch as in a straight run: the same bits on the
   same machine and --batch-size.
-- Each PNG is written to a temporary file and renamed: a killed run leaves no broken image. PNG encoding (zlib, fast
+- Each PNG is written whole or not at all (harness/atomic.py): a killed run leaves no broken image. PNG encoding (zlib, fast
   level) runs in threads beside the next batch's UNet call and VAE decode.
 """
 import os
@@ -16,8 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from PIL import Image
 
-from files.images import to_uint8
-from files.models import UsageError, encode_prompts
+from formats.models import encode_prompts
+from harness.atomic import atomic
+from harness.flags import UsageError
+from harness.images import to_uint8
 from sample import sample_images
 
 NOISE_RULE = "x_T of image i: torch.randn(latent shape) on the CPU, generator seeded with (seed << 32) + i"
@@ -34,9 +36,8 @@ def noise(seed, indices, shape):
 
 
 def write_png(pixels, path):
-    tmp = path + ".tmp"
-    Image.fromarray(pixels).save(tmp, format="PNG", compress_level=1)
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        Image.fromarray(pixels).save(tmp, format="PNG", compress_level=1)
 
 
 def wait_for_writes(writes, folder):

@@ -1,4 +1,4 @@
-"""The metrics, computed as SwiftBrush v2, DMD2 and GigaGAN compute them (README, "Evaluation (COCO-2014)"):
+"""The metrics, computed as SwiftBrush v2, DMD2 and GigaGAN compute them (docs/evaluation.md has the protocol):
 
 - FID (Heusel et al. 2017): the Frechet distance of Inception-v3 pool features (2048), clean-fid's torchscript
   network `inception-2015-12-05.pt` (the TF-FID weights). Every image, generated or real, is centre-cropped to a
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from files.models import UsageError
+from harness.flags import UsageError
 
 EVAL_SIZE = 256              # GigaGAN's centre crop + Lanczos, before every feature network
 CLIP_MODEL = "laion/CLIP-ViT-g-14-laion2B-s12B-b42K"  # OpenCLIP ViT-g/14 laion2b_s12b_b42k, in transformers' layout
@@ -41,27 +41,7 @@ def parse_metrics(text, flag="--metrics"):
 
 
 # --------------------------------------------------------------------------------------------------
-# The Frechet distance and the statistics it compares
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """d^2 = |mu1 - mu2|^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^(1/2)), between N(mu1, S1) and N(mu2, S2).
-
-    Tr((S1 S2)^(1/2)) = Tr((R S2 R)^(1/2)) with R = S1^(1/2) (S1 S2 is similar to R S2 R). R S2 R is symmetric
-    positive semi-definite, so both roots come from symmetric eigendecompositions, their eigenvalues clipped at 0:
-    real and finite when a covariance is rank-deficient (fewer images than feature dimensions), where the scipy
-    sqrtm of the non-symmetric S1 S2 used by clean-fid can turn complex."""
-    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
-    root1 = _psd_sqrt(sigma1)
-    inner = root1 @ sigma2 @ root1
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
-    diff = np.asarray(mu1, np.float64) - np.asarray(mu2, np.float64)
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
-
-
-def _psd_sqrt(sigma):
-    w, v = np.linalg.eigh((sigma + sigma.T) / 2)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+# The statistics the Frechet distance compares
 
 
 class FeatureStats:

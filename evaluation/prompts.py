@@ -10,7 +10,8 @@ The first 5,000 of the 30,000 are then the 5,000 of `--n 5000`: a quick run's im
 import hashlib
 import json
 
-from files.models import UsageError, read_prompts
+from formats.prompts import read_prompts
+from harness.flags import UsageError
 
 SALT = "coco2014"
 COCO_RULE = (f"one caption per image of captions_val2014.json: its lowest annotation id's, stripped; the images "

@@ -15,12 +15,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import evaluation
 import evaluation.generate
 from conftest import cli, cli_args, cli_error, run
+from evaluation import coco as coco_run
 from evaluation import metrics
-from evaluation.__main__ import main as evaluation_main
-from evaluation.__main__ import parse_args
+from evaluation.coco import main as evaluation_main
+from evaluation.coco import parse_args
+from evaluation.frechet import frechet_distance
 from evaluation.prompts import coco_captions
 from parity.tiny_sd import make_tiny_feature_models
 
@@ -32,7 +33,7 @@ def test_frechet_distance_is_the_closed_form_for_diagonal_gaussians():
     rng = np.random.default_rng(0)
     a, b, mu1, mu2 = rng.uniform(0.1, 3, 16), rng.uniform(0.1, 3, 16), rng.normal(size=16), rng.normal(size=16)
     expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
-    assert metrics.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
+    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
 
 
 def test_frechet_distance_of_full_covariances_matches_the_eigenvalues_of_their_product():
@@ -40,7 +41,7 @@ def test_frechet_distance_of_full_covariances_matches_the_eigenvalues_of_their_p
     x, y = rng.normal(size=(32, 32)), rng.normal(size=(32, 32))
     s1, s2 = x @ x.T / 32, y @ y.T / 32
     tr_sqrt = np.sqrt(np.linalg.eigvals(s1 @ s2).real.clip(0)).sum()  # Tr (S1 S2)^(1/2), another route
-    assert metrics.frechet_distance(np.zeros(32), s1, np.ones(32), s2) == pytest.approx(
+    assert frechet_distance(np.zeros(32), s1, np.ones(32), s2) == pytest.approx(
         32 + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt, rel=1e-8)
 
 
@@ -50,17 +51,17 @@ def test_frechet_distance_of_large_samples_of_one_distribution_is_about_zero():
     a, b, shifted = metrics.FeatureStats(), metrics.FeatureStats(), metrics.FeatureStats()
     for stats, shift in ((a, 0.0), (b, 0.0), (shifted, 0.5)):
         stats.add(rng.normal(size=(200_000, 6)) @ mix + 3.0 + shift)
-    assert 0 <= metrics.frechet_distance(*a.mean_cov(), *b.mean_cov()) < 1e-3 * np.trace(mix.T @ mix)
+    assert 0 <= frechet_distance(*a.mean_cov(), *b.mean_cov()) < 1e-3 * np.trace(mix.T @ mix)
     # a shift of 0.5 in each of the 6 dimensions: 6 * 0.25
-    assert metrics.frechet_distance(*a.mean_cov(), *shifted.mean_cov()) == pytest.approx(1.5, abs=0.02)
+    assert frechet_distance(*a.mean_cov(), *shifted.mean_cov()) == pytest.approx(1.5, abs=0.02)
 
 
 def test_frechet_distance_is_stable_with_fewer_images_than_dimensions():
     rng = np.random.default_rng(3)
     a, b = rng.normal(size=(10, 64)), rng.normal(size=(12, 64)) + 0.1  # covariances of rank 9 and 11 in 64 dims
     (mu_a, s_a), (mu_b, s_b) = ((x.mean(0), np.cov(x, rowvar=False)) for x in (a, b))
-    assert abs(metrics.frechet_distance(mu_a, s_a, mu_a, s_a)) < 1e-6 * np.trace(s_a)  # measured: 8e-8 of it
-    fd = metrics.frechet_distance(mu_a, s_a, mu_b, s_b)
+    assert abs(frechet_distance(mu_a, s_a, mu_a, s_a)) < 1e-6 * np.trace(s_a)  # measured: 8e-8 of it
+    fd = frechet_distance(mu_a, s_a, mu_b, s_b)
     tr_sqrt = np.sqrt(np.linalg.eigvals(s_a @ s_b).real.clip(0)).sum()
     assert np.isfinite(fd) and fd > 0
     assert fd == pytest.approx(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * tr_sqrt, rel=1e-6)
@@ -207,7 +208,7 @@ def test_dinov2_features_are_the_cls_token_after_the_last_layer_norm(feature_mod
 
 def test_stopped_evaluation_continues_to_the_same_images_and_numbers(student_run, coco, feature_models, cleanfid,
                                                                       tmp_path, monkeypatch):
-    straight = evaluation.evaluate(parse_args(["--student", student_run] + eval_args(tmp_path / "a", coco,
+    straight = coco_run.evaluate(parse_args(["--student", student_run] + eval_args(tmp_path / "a", coco,
                                                                                      feature_models)))
     assert straight["images"] == 6 and {"fid", "clip_score", "fd_dinov2"} <= set(straight)
     assert json.load(open(tmp_path / "a" / "results.json"))["fid"] == straight["fid"]
@@ -230,12 +231,12 @@ def test_stopped_evaluation_continues_to_the_same_images_and_numbers(student_run
     (tmp_path / "b" / "images" / "00004.png.tmp").write_bytes(b"half a png")  # what a kill during a write leaves
     os.remove(tmp_path / "b" / "images" / "00001.png")  # and an image lost: its batch is generated again
     monkeypatch.setattr(evaluation.generate, "sample_images", sample_images)
-    resumed = evaluation.evaluate(parse_args(argv))
+    resumed = coco_run.evaluate(parse_args(argv))
     assert [(tmp_path / "b" / "images" / f"{i:05d}.png").read_bytes() for i in range(6)] == pngs
     assert {k: resumed[k] for k in ("fid", "clip_score", "fd_dinov2")} == {k: straight[k] for k in
                                                                            ("fid", "clip_score", "fd_dinov2")}
     monkeypatch.setattr(evaluation.generate, "sample_images", lambda *a: pytest.fail("an image was there"))
-    again = evaluation.evaluate(parse_args(argv))
+    again = coco_run.evaluate(parse_args(argv))
     assert again["clip_score"] == straight["clip_score"] and again["fd_dinov2"] == straight["fd_dinov2"]
     assert sorted(os.listdir(tmp_path / "b" / "images")) == [f"{i:05d}.png" for i in range(6)]  # no .tmp left
     line = eval_error(argv + ["--seed", "1"])  # other noise: other images
@@ -244,7 +245,7 @@ def test_stopped_evaluation_continues_to_the_same_images_and_numbers(student_run
 
 def test_teacher_evaluation_on_a_prompt_file(sd_root, feature_models, tmp_path):
     (tmp_path / "prompts.txt").write_text("a cat\n\na cat\na dog\n")
-    results = evaluation.evaluate(parse_args(
+    results = coco_run.evaluate(parse_args(
         ["--model", sd_root, "--teacher-steps", "2", "--prompts", str(tmp_path / "prompts.txt"), "--n", "3",
          "--metrics", "clip", "--clip-model", feature_models[0], "--out", str(tmp_path / "t"), "--device", "cpu"]))
     assert results["images"] == 3 and results["model"].startswith("teacher") and "fid" not in results
@@ -253,18 +254,18 @@ def test_teacher_evaluation_on_a_prompt_file(sd_root, feature_models, tmp_path):
 
 def test_reference_statistics_are_cached_and_recomputed_when_damaged(coco, feature_models, tmp_path, monkeypatch):
     net = metrics.DINOv2(feature_models[1], torch.device("cpu"))
-    files = evaluation.image_files(coco[1])
+    files = coco_run.image_files(coco[1])
     assert len(files) == 8  # the .jpg and .png files, not notes.txt
-    first = evaluation.reference_stats(coco[1], files, [net], 4)["fd-dinov2"]
+    first = coco_run.reference_stats(coco[1], files, [net], 4)["fd-dinov2"]
     cached = [os.path.join(r, f) for r, _, fs in os.walk(os.environ["SWIFTBRUSH_CACHE"]) for f in fs
               if f.startswith("reference-fd-dinov2")]
     assert len(cached) == 1
-    monkeypatch.setattr(evaluation, "measure", lambda *a, **k: pytest.fail("measured again"))
-    again = evaluation.reference_stats(coco[1], files, [net], 4)["fd-dinov2"]
+    monkeypatch.setattr(coco_run, "measure", lambda *a, **k: pytest.fail("measured again"))
+    again = coco_run.reference_stats(coco[1], files, [net], 4)["fd-dinov2"]
     assert all(np.array_equal(x, y) for x, y in zip(first, again))
     open(cached[0], "wb").write(b"damaged")
     monkeypatch.undo()
-    redone = evaluation.reference_stats(coco[1], files, [net], 4)["fd-dinov2"]
+    redone = coco_run.reference_stats(coco[1], files, [net], 4)["fd-dinov2"]
     assert all(np.allclose(x, y) for x, y in zip(first, redone))
 
 
@@ -273,9 +274,8 @@ def test_reference_statistics_are_cached_and_recomputed_when_damaged(coco, featu
 
 
 def test_ablation_table_gets_the_coco_columns(sd_root, coco, feature_models, tmp_path, monkeypatch, capsys):
-    import evaluation.__main__ as cli_module
-    monkeypatch.setattr(cli_module, "CLIP_MODEL", feature_models[0])
-    monkeypatch.setattr(cli_module, "DINOV2_MODEL", feature_models[1])
+    monkeypatch.setattr(coco_run, "CLIP_MODEL", feature_models[0])
+    monkeypatch.setattr(coco_run, "DINOV2_MODEL", feature_models[1])
     out = tmp_path / "ablation"
     evaluate = ["--ablation", "--eval-captions", coco[0], "--eval-images", coco[1], "--eval-metrics", "clip,fd-dinov2"]
     line = cli_error(cli_args(sd_root, out, 1) + evaluate + ["--eval-n", "50"], capsys)  # checked before training
@@ -336,21 +336,25 @@ def test_bad_input_is_one_line(student_run, coco, feature_models, tmp_path, monk
     assert not (tmp_path / "out").exists()
 
 
-def test_damaged_protocol_and_failed_writes_are_one_line(student_run, coco, feature_models, tmp_path):
+def test_damaged_protocol_and_failed_writes_are_one_line(student_run, coco, feature_models, tmp_path, monkeypatch):
     argv = ["--student", student_run] + eval_args(tmp_path / "out", coco, feature_models, "--metrics", "clip")
     os.makedirs(tmp_path / "out")
     (tmp_path / "out" / "evaluation.json").write_text("{half a protocol")
     assert "evaluation.json is damaged: delete it" in eval_error(argv)
     os.remove(tmp_path / "out" / "evaluation.json")
-    os.makedirs(tmp_path / "out" / "images" / "00000.png.tmp")  # the first write cannot replace a folder
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", disk_full)
     assert "cannot write the images into" in eval_error(argv)
+    assert not [name for name in os.listdir(tmp_path / "out" / "images") if name.endswith(".tmp")]  # none left
 
 
 def test_inception_weights_one_line_each(cleanfid, tmp_path):
     os.remove(cleanfid / metrics.INCEPTION_FILE)  # not there, and the download fails
-    with pytest.raises(evaluation.UsageError, match="cannot be downloaded .URLError.: fetch https://.*--inception-weights"):
+    with pytest.raises(coco_run.UsageError, match="cannot be downloaded .URLError.: fetch https://.*--inception-weights"):
         metrics.Inception(None, torch.device("cpu"))
-    with pytest.raises(evaluation.UsageError, match="under the name inception-2015-12-05.pt"):
+    with pytest.raises(coco_run.UsageError, match="under the name inception-2015-12-05.pt"):
         metrics.Inception(str(tmp_path / "inception.pt"), torch.device("cpu"))
     local = tmp_path / "weights" / metrics.INCEPTION_FILE
     local.parent.mkdir()

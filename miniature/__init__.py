@@ -14,15 +14,15 @@ import os
 
 # The miniature's training defaults, where they differ from the authors' (swiftbrush.Config). Any flag overrides them.
 DEFAULTS = {
-    "steps": 1200,                       # 6 minutes on a quiet 2-core CPU at 0.3 s/step; shapes need it (README:
-                                         # the EMA's shape accuracy 0.67 at 600 steps, 0.72 at 1000, 0.77 at 1200)
-    "batch_size": 8,                     # as good as 16 here (README) and 1.6x faster per step
+    "steps": 1200,                       # shapes are the last thing the student learns (docs/miniature.md)
+    "batch_size": 8,                     # as good as 16 here, and faster per step
     "lr": 1e-4,                          # the student's; the authors' 1e-6 is for the 866 M-parameter SD UNet
     "lora_rank": 8, "lora_alpha": 8.0,   # rank 64 would be full rank for these 32- and 64-wide projections
     "guidance": 2.0,                     # at CFG 4.5 this small teacher's own samples lose colour and diversity
     "lora_guidance": 2.0,                # one scale for both, as the authors: 2 vs 1 leaves a CFG push that saturates
-    "lora_steps": 4, "lora_loss": "plain",  # DMD2's two time-scale update: with one LoRA step per student step the
-                                         # LoRA teacher lags the student and every student collapses (README)
+    "lora_steps": 4, "lora_loss": "plain",  # DMD2's two time-scale update and the plain loss: with one abar-weighted
+                                         # LoRA step per student step the LoRA teacher lags and every student
+                                         # collapses to one layout per prompt (docs/miniature.md)
     "ema_decay": 0.99,                   # the report scores the raw student and its EMA
     "save_every": 200, "sample_every": 200, "diagnose_every": 100,
     "device": "cpu",                     # 16x16 pixels and 0.8 M parameters: a GPU would not be faster
@@ -34,7 +34,7 @@ QUICK = {**DEFAULTS, "steps": 6, "batch_size": 4, "save_every": 0, "sample_every
 
 def miniature_defaults(model, flags):
     """The defaults of --model miniature or miniature-quick: DEFAULTS or QUICK, and the world's captions as prompts."""
-    from files.models import UsageError
+    from harness.flags import UsageError
     from miniature.teacher import teacher_folder
     if "prompts" in flags:
         raise UsageError("the miniature's prompts are its world's 12 captions: drop --prompts, or pass --model")

@@ -10,9 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sample
-from files.checkpoint import read_log
-from files.models import encode_prompts, load_text, scheduler_config
-from files.report import Report
+from harness.atomic import atomic
+from harness.checkpoint import read_log
+from formats.models import encode_prompts, load_text, scheduler_config
+from harness.report import Report
 from miniature import DEFAULTS, world
 from miniature.teacher import STAMP, build_teacher
 from swiftbrush import Schedule, f_theta
@@ -110,6 +111,6 @@ class MiniatureReport(Report):
                "ddim": [sample.ddim_sample(teacher, self.schedule, self.context, self.uncond, z,
                                            evaluation["ddim_steps"], DEFAULTS["guidance"]) for z in self.noises],
                "one_step": [f_theta(teacher, z, self.context, self.schedule) for z in self.noises]}
-        save_file({f"{kind}_{i}": x.contiguous() for kind, xs in ref.items() for i, x in enumerate(xs)}, path + ".tmp")
-        os.replace(path + ".tmp", path)  # atomic: a killed run leaves no half-written cache
+        with atomic(path) as tmp:  # a killed run leaves no half-written cache
+            save_file({f"{kind}_{i}": x.contiguous() for kind, xs in ref.items() for i, x in enumerate(xs)}, tmp)
         return ref

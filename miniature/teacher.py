@@ -2,17 +2,17 @@
 Stable Diffusion, a small frozen random CLIP text encoder and a tokenizer written by world.py; pixel space, no VAE.
 
 Built once per machine into the cache (SWIFTBRUSH_CACHE, else $XDG_CACHE_HOME/swiftbrush, else ~/.cache/swiftbrush),
-in a folder named after a hash of its recipe, written to a temporary folder and renamed when whole. It is reused only
+in a folder named after a hash of its recipe, written whole or not at all (harness/atomic.py). It is reused only
 while the SHA-256 of every file matches the stamp written with it; a stale or damaged one is rebuilt."""
 import hashlib
 import json
 import os
-import shutil
 
 import torch
 
-from files.checkpoint import export_unet
-from files.models import cache_root, encode_prompts, load_text
+from harness.atomic import atomic
+from harness.checkpoint import export_unet
+from formats.models import cache_root, encode_prompts, load_text
 from miniature import world
 from swiftbrush import Schedule, diffusion_loss
 from unet import UNet, load_unet
@@ -28,8 +28,8 @@ TEXT_CONFIG = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 
 SCHEDULER_CONFIG = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
                     "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "v_prediction", "clip_sample": False,
                     "set_alpha_to_one": False, "steps_offset": 1}
-TRAINING = {"miniature": {"steps": 1500, "batch_size": 64, "lr": 1e-3, "seed": 0},       # 11-18 minutes
-            "miniature-quick": {"steps": 40, "batch_size": 16, "lr": 1e-3, "seed": 0}}   # seconds
+TRAINING = {"miniature": {"steps": 1500, "batch_size": 64, "lr": 1e-3, "seed": 0},       # docs/miniature.md
+            "miniature-quick": {"steps": 40, "batch_size": 16, "lr": 1e-3, "seed": 0}}   # seconds: checks an install
 STAMP = "miniature.json"
 
 
@@ -74,13 +74,10 @@ def build_teacher(model, progress=True):
         print(f"teacher: {folder} (cached)")
         return folder
     print(f"teacher: training the miniature's teacher once for this machine, into {folder}")
-    tmp = f"{folder}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    _train_teacher(tmp, TRAINING[model], progress)
-    with open(os.path.join(tmp, STAMP), "w") as f:
-        json.dump({"recipe": recipe(model), "files": _files_sha(tmp)}, f, indent=2)
-    shutil.rmtree(folder, ignore_errors=True)  # a damaged one
-    os.replace(tmp, folder)  # atomic: a killed build leaves only a .tmp folder behind
+    with atomic(folder) as tmp:  # a killed build leaves only the temporary folder, a damaged teacher is replaced
+        _train_teacher(tmp, TRAINING[model], progress)
+        with open(os.path.join(tmp, STAMP), "w") as f:
+            json.dump({"recipe": recipe(model), "files": _files_sha(tmp)}, f, indent=2)
     return folder
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 import miniature
 import swiftbrush as sb
-from files import checkpoint, images
+from harness import checkpoint, images
 from miniature import report, teacher, world
 from unet import load_unet
 

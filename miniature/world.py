@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from evaluation.metrics import frechet_distance  # the FID formula, one copy for COCO and the miniature
+from evaluation.frechet import frechet_distance  # the FID formula: one copy, for COCO and the miniature
 
 
 RES = 16

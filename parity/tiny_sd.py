@@ -5,7 +5,7 @@ import torch
 from miniature import world
 
 
-# Sizes that follow the rules a single file is read by (files/single_file.py: 32 norm groups; 8 heads per UNet block
+# Sizes that follow the rules a single file is read by (formats/single_file.py: 32 norm groups; 8 heads per UNet block
 # in SD 1, 64-wide heads in SD 2 and in both text towers), so that folder -> single file -> folder is exact.
 SINGLE_FILE_SIZES = {
     "sd1": dict(unet=dict(block_out_channels=(32, 64), attention_head_dim=8, norm_num_groups=32,

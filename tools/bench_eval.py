@@ -6,7 +6,7 @@ same process that does one image at a time (batch 1, PNGs written in line at zli
     python -m tools.bench_eval --images 64 --resolution 64
 
 The models are tiny, so this measures what the pipeline costs around the networks, which is what batching and
-overlap are for; at full size the networks dominate (README, "Evaluation (COCO-2014)", for the GPU arithmetic).
+overlap are for; at full size the networks dominate (docs/evaluation.md, for the GPU arithmetic).
 """
 import argparse
 import os
@@ -17,11 +17,11 @@ import time
 import torch
 from PIL import Image
 
-from evaluation.__main__ import parse_args as evaluation_args
+from evaluation.coco import parse_args as evaluation_args
 from evaluation.generate import generate_images, noise
 from evaluation.metrics import load_metrics, measure, prepare
-from files.images import to_uint8
-from files.models import encode_prompts
+from harness.images import to_uint8
+from formats.models import encode_prompts
 from parity.tiny_sd import make_tiny_feature_models, make_tiny_sd
 from sample import load_generator, sample_images
 from tools.bench import set_threads
@@ -48,7 +48,7 @@ def naive_measurement(paths, networks, captions):
 def full_size_flops():
     """FLOPs (2 x multiply-adds) of one image through each full-size network, counted without weights or compute:
     our UNet and VAE on fake tensors (autocast refuses the meta device), transformers' towers on the meta device.
-    The arithmetic of the README's GPU estimate."""
+    The arithmetic of docs/evaluation.md's GPU estimate."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, Dinov2Config, Dinov2Model

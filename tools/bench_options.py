@@ -13,7 +13,7 @@ measured in a fresh process per option (the kernel's high-water mark reset after
 iterations: peak minus the RSS before them), so memory and time come from the same code but not the same process.
 
 prompts: the states of a batch of 16 prompts from a medium text encoder (CLIP, SD 2's width 1024, 2 layers):
-encoded per batch (files/prompts.py, what a run does), read from a memory-mapped fp16 .npy cache of precomputed
+encoded per batch (formats/prompts.py, what a run does), read from a memory-mapped fp16 .npy cache of precomputed
 states (what the authors' code does; its rows here are random, its cost of writing is the encoder's time per prompt
 times the list), or indexed from one tensor in RAM (what a run did before). Time per batch, and the peak RSS of a
 fresh process that sets up each way for 1k, 10k and 100k prompts (the cache and RAM: 1k, 10k) and then draws
@@ -125,7 +125,7 @@ def _prompts(n):
 
 def build_prompts(way, n, folder):
     """A function of a tensor of indices -> their states, set up `way` for n prompts."""
-    from files.prompts import PromptEmbeddings
+    from formats.prompts import PromptEmbeddings
     if way == "per batch":
         return PromptEmbeddings(*_encoder(), _prompts(n)).__getitem__
     if way == "in RAM":

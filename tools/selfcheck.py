@@ -24,9 +24,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import swiftbrush as sb
-from files.flags import AT_LEAST_1
-from files.memory import peak_gb
-from files.prompts import PromptEmbeddings
+from harness.flags import AT_LEAST_1
+from memory.plan import peak_gb
+from formats.prompts import PromptEmbeddings
 from parity.configs import SD2_TEXT, SD21_BASE
 from tools.bench import TRAIN_BENCH_UNET
 from unet import UNet

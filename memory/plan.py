@@ -12,6 +12,7 @@ import resource
 import torch
 import torch.nn.functional as F
 
+from harness.atomic import write_json
 from lora import lora_parameters
 from unet import UNet
 
@@ -29,7 +30,7 @@ def memory_plan(cfg, m, state, device):
     student = list(m.student.parameters())
     lora = lora_parameters(m.teacher) if state["opt_lora"] is not None else []
     is_lora = {id(p) for p in lora}
-    text_encoder = getattr(m.embeddings, "encoder", None)  # files/prompts.py; a plain tensor of states has none
+    text_encoder = getattr(m.embeddings, "encoder", None)  # formats/prompts.py; a plain tensor of states has none
     if cfg.step_in_backward:  # each gradient is freed as soon as its parameter is stepped: at most the largest one
         grads = ("student grads (--step-in-backward: one parameter's at a time)", max(nbytes([p]) for p in student))
     else:
@@ -140,8 +141,7 @@ class FusedAttentionSaves(torch.autograd.Function):
 
 
 def write_memory_plan(plan, out):
-    with open(os.path.join(out, "memory.json"), "w") as f:
-        json.dump(plan, f, indent=2)
+    write_json(os.path.join(out, "memory.json"), plan)
     lines = [f"  {k}: {v:.2f} GB" for where in ("device", "cpu") for k, v in plan[where].items() if v]
     acts, total = plan["activations (estimate)"], plan["device memory"]
     checkpointing = "on" if plan["checkpointing"] else "off"

@@ -5,6 +5,8 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from harness.atomic import atomic
+
 
 def to_uint8(images):
     """[N, 3, H, W] in [-1, 1] -> [N, H, W, 3] uint8 (numpy), rounded: what a PNG holds."""
@@ -35,7 +37,8 @@ def save_grid(rows, path, labels=None, pad=2):
             tile = Image.fromarray(a).resize((cw, ch), Image.NEAREST)
             grid.paste(tile, (lw + pad + j * (cw + pad), y))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    grid.save(path)
+    with atomic(path) as tmp:
+        grid.save(tmp, format="PNG")
     return grid
 
 
@@ -89,5 +92,6 @@ def save_plot(curves, path, title="", size=(640, 400), smooth=None):
         ly = top + 8 + 14 * i  # legend, top right inside the axes
         draw.line([W - right - 110, ly, W - right - 90, ly], fill=color, width=2)
         draw.text((W - right - 85, ly), str(name), fill=(0, 0, 0), font=font, anchor="lm")
-    img.save(path)
+    with atomic(path) as tmp:
+        img.save(tmp, format="PNG")
     return img

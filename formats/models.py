@@ -1,5 +1,5 @@
-"""The inputs of a run: the teacher named by --model (a local Stable Diffusion folder, a model-hub id or an original
-single-file checkpoint), its text encoder and scheduler config, and the prompt file.
+"""The teacher named by --model (a local Stable Diffusion folder, a model-hub id or an original single-file
+checkpoint), its text encoder and scheduler config.
 
 A hub id is looked up in the local hub cache first (`huggingface_hub`: HF_HOME, HF_HUB_OFFLINE); only when it is
 missing there is the hub asked, and then only the five folders we read are fetched, one weights file each.
@@ -13,6 +13,8 @@ import shutil
 
 import torch
 
+from harness.atomic import atomic
+from harness.flags import UsageError
 from unet import WeightsError
 
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -25,20 +27,6 @@ HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 SINGLE_FILE = (".safetensors", ".ckpt", ".pt")
 CLIP_TOKENIZER = "openai/clip-vit-large-patch14"  # the CLIP BPE of SD 1 and 2 (SD 2 pads with "!")
 TOKENIZER_FILES = ["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"]
-DEMO_PROMPTS = [
-    "a photo of a cat sitting on a windowsill", "a red sports car on a mountain road at sunset",
-    "a bowl of ramen, studio lighting", "an astronaut riding a horse, digital art",
-    "a lighthouse on a cliff during a storm", "a watercolor painting of a fox in the snow",
-    "a cozy cabin in the woods, autumn", "a portrait of an old fisherman, photograph",
-    "a futuristic city skyline at night, neon lights", "a teddy bear reading a book",
-    "a field of sunflowers under a blue sky", "a plate of sushi on a wooden table",
-]
-
-
-class UsageError(ValueError):
-    """Bad flags, prompts or output folder; the message says what to do."""
-
-
 # --------------------------------------------------------------------------------------------------
 # --model: a local folder or a hub id
 
@@ -125,7 +113,7 @@ def unpack_single_file(path, prediction_type=None):
     """The folder of an SD 1.x/2.x single file, written into the cache on first use (keyed by the file's path, size,
     time and the prediction type), so every loader reads it like any other folder. The file says neither its
     prediction type (default epsilon: SD 1.x, 2.x-base; SD 2.x-768 is v_prediction) nor its tokenizer."""
-    from files.single_file import file_metadata, read_single_file, write_folder
+    from formats.single_file import file_metadata, read_single_file, write_folder
     if not os.path.isfile(path):
         raise WeightsError(f"{path} not found; pass the path of a Stable Diffusion single-file checkpoint")
     prediction_type = prediction_type or file_metadata(path).get("prediction_type")  # our exports say it
@@ -139,18 +127,12 @@ def unpack_single_file(path, prediction_type=None):
     if not os.path.exists(os.path.join(folder, "model_index.json")):
         parts = read_single_file(path, upcast_attention=v, sample_size=96 if v else 64)
         print(f"model: unpacking {path} (SD {parts['family'][2]}.x) into {folder}")
-        tmp = f"{folder}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
+        with atomic(folder) as tmp:
             write_folder(parts, tmp, prediction_type or "epsilon")
             clip_tokenizer(parts["family"], os.path.dirname(os.path.abspath(path))).save_pretrained(
                 os.path.join(tmp, "tokenizer"))
-            with open(os.path.join(tmp, "model_index.json"), "w") as f:  # written last: the folder is whole
+            with open(os.path.join(tmp, "model_index.json"), "w") as f:  # the mark of a whole folder
                 json.dump({"_class_name": "StableDiffusionPipeline", "source": os.path.realpath(path)}, f)
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     print(f"model: {path}, prediction type {said}")
     return folder
 
@@ -244,24 +226,3 @@ def encode_prompts(tokenizer, encoder, prompts, batch_size=64):
                         truncation=True, return_tensors="pt").input_ids
         out.append(encoder(ids.to(device)).last_hidden_state.float())
     return torch.cat(out)
-
-
-def read_prompts(path, unique=True):
-    """UTF-8 text, one prompt per line; blank lines ignored, and duplicates unless unique=False (an evaluation's
-    prompt list, where each line is an image). None: DEMO_PROMPTS."""
-    if path is None:
-        return list(DEMO_PROMPTS)
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            lines = [line.strip() for line in f]
-    except FileNotFoundError:
-        raise UsageError(f"prompt file {path!r} not found") from None
-    except OSError as e:
-        raise UsageError(f"cannot read prompt file {path!r}: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise UsageError(f"prompt file {path!r} is not UTF-8 text ({e})") from None
-    prompts = [p for p in lines if p]
-    prompts = list(dict.fromkeys(prompts)) if unique else prompts
-    if not prompts:
-        raise UsageError(f"prompt file {path!r} has no prompts (one prompt per line)")
-    return prompts

@@ -8,8 +8,8 @@
 
 Written into RUN/export (the student's EMA) at the end of training, and by this command for any run's checkpoint:
 
-    python -m files.export runs/swiftbrush            # the EMA student (the one sample.py uses)
-    python -m files.export runs/swiftbrush --raw      # the student as trained, into RUN/export-raw
+    python -m formats.export runs/swiftbrush            # the EMA student (the one sample.py uses)
+    python -m formats.export runs/swiftbrush --raw      # the student as trained, into RUN/export-raw
 """
 import argparse
 import json
@@ -21,8 +21,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from files.models import UsageError, load_text, run_teacher, scheduler_config
-from files.single_file import EXTRA_FILE, write_single_file
+from formats.models import load_text, run_teacher, scheduler_config
+from formats.single_file import EXTRA_FILE, write_single_file
+from harness.atomic import atomic
+from harness.flags import UsageError
 from unet import WEIGHT_FILES, WeightsError
 from vae import load_vae
 
@@ -55,9 +57,7 @@ def export_one_step(run, raw=False):
         print("export: the teacher has no VAE (the miniature works in pixels): only unet/ and unet_ema/ are written")
         return None
     out = os.path.join(run, "export-raw" if raw else "export")
-    tmp = out + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic(out) as tmp:  # whole or not at all
         write_pipeline(unet_dir, teacher, os.path.join(tmp, "pipeline"))
         unet = load_file(os.path.join(unet_dir, "diffusion_pytorch_model.safetensors"))
         vae = load_vae(os.path.join(teacher, "vae")).state_dict()
@@ -70,10 +70,6 @@ def export_one_step(run, raw=False):
         unet, vae, text = cast(unet, dtype), cast(vae, dtype), cast(text.state_dict(), dtype)
         write_single_file(os.path.join(tmp, "student.safetensors"), unet, vae, text, family, extra, said)
         write_single_file(os.path.join(tmp, "student-unet.safetensors"), unet, family=family, metadata=said)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)  # whole or not at all
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -18,7 +18,8 @@ import miniature
 import swiftbrush as sb
 from conftest import (CPU, UNET_FILE, assert_same_ckpt, cli, cli_args, cli_error, read_ckpt, read_log, run,
                       same_tensors)
-from files import checkpoint, models, prompts
+from formats import models, prompts
+from harness import checkpoint
 from unet import WeightsError
 
 pytest.importorskip("diffusers")  # the tiny folders are built by diffusers' save_pretrained
@@ -160,14 +161,14 @@ def test_cli_bad_input_more(sd_root, tmp_path, capsys, case):
 def test_read_prompts(tmp_path):
     p = tmp_path / "p.txt"
     p.write_text("b cat\n\n  a dog  \nb cat\ncafé ☕ 東京\n\n", encoding="utf-8")
-    assert models.read_prompts(str(p)) == ["b cat", "a dog", "café ☕ 東京"]
-    assert models.read_prompts(None) == models.DEMO_PROMPTS
+    assert prompts.read_prompts(str(p)) == ["b cat", "a dog", "café ☕ 東京"]
+    assert prompts.read_prompts(None) == prompts.DEMO_PROMPTS
 
 
 def test_read_prompts_utf8_bom(tmp_path):
     p = tmp_path / "bom.txt"
     p.write_text("a cat\na dog\n", encoding="utf-8-sig")
-    assert models.read_prompts(str(p)) == ["a cat", "a dog"]
+    assert prompts.read_prompts(str(p)) == ["a cat", "a dog"]
 
 
 
@@ -202,7 +203,7 @@ KILLER = """
 import os, signal, sys
 sys.path.insert(0, sys.argv[1])
 import swiftbrush as sb
-from files import checkpoint
+from harness import checkpoint
 where, n = os.environ.get("KILL_AT", "never:0").split(":")
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
 sb.EMA_EVERY = 2
@@ -387,7 +388,7 @@ def test_default_model_says_which_and_why(monkeypatch, capsys):
 
 
 # --------------------------------------------------------------------------------------------------
-# A prompt list of any length: each batch's prompts encoded when drawn (files/prompts.py)
+# A prompt list of any length: each batch's prompts encoded when drawn (formats/prompts.py)
 
 
 def test_100k_prompts_train_encoding_only_each_batchs_prompts(sd_root, tmp_path, monkeypatch):

@@ -1,12 +1,45 @@
-"""--step-in-backward: the student's optimiser step taken inside its backward, so that its gradients never exist
-whole (on SD 2.1-base, 3.46 GB less at the peak). swiftbrush.clip_and_step_in_backward uses these two pieces:
+"""--step-in-backward: the student's optimiser step taken inside its backward, so that its gradients never exist whole
+(the student's gradients are a UNet's worth of fp32 memory; docs/memory.md has the plan with and without it).
 
+The paper clips the student's gradients by their global norm, which is known only after a whole backward. So the
+backward runs twice through the retained graph: the first takes each gradient's norm and frees the gradient, the
+second scales each gradient as clip_grad_norm_ does, steps that parameter's own optimiser and frees it. Three pieces:
+
+- `clip_and_step_in_backward`: that, for train_step;
 - `OptimiserPerParameter`: one optimiser per parameter, stepped from that parameter's gradient hook; its
   state_dict is the one a single optimiser over all the parameters has (same indices, same tensors), so checkpoints
   do not depend on the mode;
 - `each_gradient`: calls a function on each parameter's gradient as soon as a backward has accumulated it, then
   frees that gradient: at most one is held at a time (Tensor.register_post_accumulate_grad_hook)."""
 from contextlib import contextmanager
+
+import torch
+
+from harness.checkpoint import check_finite
+
+
+def clip_and_step_in_backward(opt, loss, state, max_norm=1.0):
+    """The student's clip-and-step (`opt`: an OptimiserPerParameter) inside its backward; returns the norm."""
+    check_finite("loss_student", loss.item(), state)
+    norms = {}  # p -> the norm of p's gradient: one scalar per parameter
+
+    def keep_norm(p):
+        norms[p] = torch.linalg.vector_norm(p.grad)
+
+    with each_gradient(opt.params, keep_norm):
+        loss.backward(retain_graph=True)
+    in_order = [norms[p] for p in opt.params if p in norms]  # clip_grad_norm_'s order, so its rounding too
+    norm = torch.linalg.vector_norm(torch.stack(in_order))   # the norm of the norms, as clip_grad_norm_
+    check_finite("the student gradient norm", norm.item(), state)
+    clip = torch.clamp(max_norm / (norm + 1e-6), max=1.0)    # clip_grad_norm_'s factor
+
+    def clip_and_step_one(p):
+        p.grad.mul_(clip)
+        opt.optimisers[p].step()
+
+    with each_gradient(opt.params, clip_and_step_one):
+        loss.backward()
+    return norm.item()
 
 
 class OptimiserPerParameter:

@@ -6,6 +6,10 @@ import argparse
 import math
 
 
+class UsageError(ValueError):
+    """Bad flags, prompts or output folder: the run stops before it starts, with one line that says what to do."""
+
+
 def _checked(kind, ok, what):
     def parse(text):
         try:

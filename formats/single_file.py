@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from harness.atomic import atomic
 from unet import WeightsError
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -363,12 +364,8 @@ def write_single_file(path, unet, vae=None, text=None, family="sd1", extra=None,
                            f"written (e.g. {clash[0]}); pass only tensors the parts do not hold")
     sd |= extra
     meta = {"format": "pt", "family": family, **(metadata or {})}
-    try:
-        save_file({k: v.contiguous() for k, v in sd.items()}, path + ".tmp", metadata=meta)
-        os.replace(path + ".tmp", path)
-    finally:  # never leave a half-written file behind
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
+    with atomic(path) as tmp:  # never a half-written file
+        save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata=meta)
 
 
 SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",

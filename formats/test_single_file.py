@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import rel_err
-from files import single_file as sf
+from formats import single_file as sf
 from unet import UNet, WeightsError
 from vae import AutoencoderKL as OurVAE
 

@@ -1,10 +1,11 @@
-"""Checkpoints and exports of a training run: one safetensors file (no pickle), written to a temporary file and
-renamed, so that a crash never leaves a broken checkpoint, and read back so that a resumed run is bit-identical.
+"""Checkpoints of a training run: one safetensors file (no pickle), written whole or not at all, and read back so that
+a resumed run is bit-identical; the run's other files (unet/, swiftbrush.json, log.jsonl); Ctrl-C and NaN.
 
 `cfg` is swiftbrush.Config, `m` its Models and `state` the loop's dict (step, cursor, order, gen, opt_student,
 opt_lora, ema), as in nanoGPT's train.py: one state passed around, saved whole."""
 import hashlib
 import json
+import math
 import os
 import signal
 import sys
@@ -16,7 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from files.models import UsageError
+from harness.atomic import atomic, write_json, write_text
+from harness.flags import UsageError
 from lora import lora_state_dict
 
 CHECKPOINT = "checkpoint.safetensors"  # in the run's --out folder
@@ -30,6 +32,15 @@ class CheckpointError(ValueError):
     """An unreadable checkpoint, or one trained with other settings; the message says what to do."""
 
 
+class TrainingDiverged(RuntimeError):
+    """A loss or gradient became NaN/inf; the last good checkpoint is left as it was."""
+
+
+def check_finite(what, value, state):
+    if not math.isfinite(value):
+        raise TrainingDiverged(f"{what} became {value} at step {state['step'] + 1}")
+
+
 def check_out_folder(cfg, resume):
     """Before anything runs: --out must be a folder, and may hold a checkpoint only with --resume."""
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
@@ -41,12 +52,9 @@ def check_out_folder(cfg, resume):
         print(f"--resume: no checkpoint in {cfg.out} yet, so the run starts at step 0")
 
 
-def _atomic_save(tensors, path, metadata):
-    tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic: a crash leaves the previous file whole
+def save_tensors(tensors, path, metadata):
+    with atomic(path) as tmp:  # a crash leaves the previous file whole
+        save_file(tensors, tmp, metadata=metadata)
 
 
 def _cpu(state_dict):
@@ -82,7 +90,7 @@ def save_checkpoint(cfg, m, state):
     tensors["order"] = state["order"]
     meta = {"config": json.dumps(asdict(cfg)), "step": str(state["step"]), "cursor": str(state["cursor"]),
             "param_groups": json.dumps(groups), "prompts_sha256": _sha(m.prompts)}
-    _atomic_save(tensors, os.path.join(cfg.out, CHECKPOINT), meta)
+    save_tensors(tensors, os.path.join(cfg.out, CHECKPOINT), meta)
     export_student(cfg, m, state)
 
 
@@ -130,8 +138,8 @@ def export_unet(state_dict, config, folder):
     """A standard `unet/` folder (config.json + diffusion_pytorch_model.safetensors): our load_unet and
     diffusers' UNet2DConditionModel.from_pretrained both read it unchanged."""
     os.makedirs(folder, exist_ok=True)
-    _atomic_save(_cpu(state_dict), os.path.join(folder, "diffusion_pytorch_model.safetensors"), {"format": "pt"})
-    _atomic_write_json(config, os.path.join(folder, "config.json"))
+    save_tensors(_cpu(state_dict), os.path.join(folder, "diffusion_pytorch_model.safetensors"), {"format": "pt"})
+    write_json(os.path.join(folder, "config.json"), config)
 
 
 def export_student(cfg, m, state):
@@ -145,18 +153,7 @@ def write_run_info(cfg, m):
     """swiftbrush.json: what sample.py needs to turn the exported UNet back into the one-step generator."""
     info = {"model": cfg.model, "folder": os.path.abspath(m.folder), "param": cfg.param,
             "latent_shape": list(m.latent_shape), "config": asdict(cfg)}
-    _atomic_write_json(info, os.path.join(cfg.out, "swiftbrush.json"))
-
-
-def write_atomic(text, path):
-    """Write text to path via path.tmp and a rename: a killed process leaves the old file or the new one."""
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
-def _atomic_write_json(obj, path):
-    write_atomic(json.dumps(obj, indent=2), path)
+    write_json(os.path.join(cfg.out, "swiftbrush.json"), info)
 
 
 def read_log(out):
@@ -177,8 +174,7 @@ def truncate_log(path, step):
                     keep.append(line)
             except (ValueError, KeyError, TypeError):  # a line cut short by a crash
                 pass
-    with open(path, "w") as f:
-        f.writelines(keep)
+    write_text(path, "".join(keep))
 
 
 @contextmanager

@@ -1,10 +1,10 @@
 """The report of one or more students (and of reference rows such as the teacher's): a markdown table, one grid
 with a row of images per line, and the loss curves; written to table.md, results.json, grid.png, curves_*.png."""
-import json
 import os
 
-from files.checkpoint import read_log
-from files.images import save_grid, save_plot
+from harness.atomic import write_json, write_text
+from harness.checkpoint import read_log
+from harness.images import save_grid, save_plot
 
 LOSS_COLUMNS = [("steps", "training steps", "{}"), ("loss_student", "student loss (last 10%)", "{:.3g}"),
                 ("loss_lora", "LoRA loss (last 10%)", "{:.3g}"), ("sec_per_step", "s/iter", "{:.2f}")]
@@ -46,10 +46,8 @@ class Report:
         """Write the files; returns the markdown table."""
         os.makedirs(self.out, exist_ok=True)
         md = "\n\n".join([self.table()] + self.notes)
-        with open(os.path.join(self.out, "table.md"), "w") as f:
-            f.write(md + "\n")
-        with open(os.path.join(self.out, "results.json"), "w") as f:
-            json.dump(dict(self.rows), f, indent=2)
+        write_text(os.path.join(self.out, "table.md"), md + "\n")
+        write_json(os.path.join(self.out, "results.json"), dict(self.rows))
         if self.images:
             save_grid([images for _, images in self.images], os.path.join(self.out, "grid.png"),
                       labels=[name for name, _ in self.images])

@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 
 import sample
 from conftest import cli, cli_error, rel_err
-from files.models import CLIP_TOKENIZER, load_text, resolve_model
-from files.single_file import file_metadata, read_single_file, write_single_file
+from formats.models import CLIP_TOKENIZER, load_text, resolve_model
+from formats.single_file import file_metadata, read_single_file, write_single_file
 from parity.tiny_sd import make_tiny_sd
 from unet import load_unet
 from vae import load_vae
@@ -126,7 +126,7 @@ def test_sd2_file_unpacks_with_its_tokenizer_and_prediction_type(tmp_path, capsy
 
 
 def test_bad_single_files_get_one_line(sd1, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("files.models.CLIP_TOKENIZER", "openai/never-fetched")  # offline: not in the hub cache
+    monkeypatch.setattr("formats.models.CLIP_TOKENIZER", "openai/never-fetched")  # offline: not in the hub cache
     line = cli_error(["--model", sd1.file, "--prediction-type", "v_prediction", "--out", str(tmp_path / "out")] + RUN,
                      capsys)
     assert "tokenizer" in line and "openai/never-fetched" in line and "hf download" in line
@@ -145,7 +145,7 @@ def test_bad_single_files_get_one_line(sd1, tmp_path, capsys, monkeypatch):
 
 
 def test_export_command_raw_and_what_it_refuses(sd1, tmp_path, capsys):
-    from files import export
+    from formats import export
     export.main([str(sd1.run), "--raw"])  # any run's checkpoint, the student as trained
     raw = load_file(sd1.run / "unet" / "diffusion_pytorch_model.safetensors")
     written = read_single_file(sd1.run / "export-raw" / "student-unet.safetensors", full=False)["unet"][1]
@@ -180,7 +180,7 @@ def test_a_run_survives_its_unpacked_teacher_being_deleted_and_export_needs_a_ch
     os.makedirs(early)
     shutil.copy(sd1.run / "swiftbrush.json", early / "swiftbrush.json")
     with pytest.raises(SystemExit) as e:
-        from files import export
+        from formats import export
         export.main([str(early)])
     assert "no exported student yet" in str(e.value.code) and os.listdir(early) == ["swiftbrush.json"]
 
