@@ -452,6 +452,34 @@ def test_layout_and_one_way_imports():
         assert users == {user}, package
 
 
+def _anchors(markdown):
+    """The #anchors of a page's headings, as GitHub makes them: lower case, punctuation dropped, spaces to hyphens."""
+    import re
+    headings = re.findall(r"^#+ (.+)$", markdown, flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def test_every_relative_link_of_the_docs_is_a_file_of_the_repository():
+    """The reader's clone is all there is: README.md's and docs/'s relative links (and images) resolve to files inside
+    it, and their #anchors to headings of those files."""
+    import re
+    root = os.path.dirname(os.path.abspath(sb.__file__))
+    pages = ["README.md"] + [os.path.join("docs", f) for f in os.listdir(os.path.join(root, "docs")) if f.endswith(".md")]
+    checked = 0
+    for page in pages:
+        text = open(os.path.join(root, page), encoding="utf-8").read()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+://", target):
+                continue  # the web: arXiv, the peers' repositories
+            file, _, anchor = target.partition("#")
+            path = os.path.normpath(os.path.join(root, os.path.dirname(page), file)) if file else os.path.join(root, page)
+            assert path.startswith(root + os.sep) and os.path.isfile(path), (page, target)
+            if anchor:
+                assert anchor in _anchors(open(path, encoding="utf-8").read()), (page, target)
+            checked += 1
+    assert checked > 20
+
+
 @pytest.mark.parametrize("module, absent", [
     ("swiftbrush", {"miniature", "evaluation", "tools", "sample", "parity"}),
     ("miniature.world", {"sample", "swiftbrush", "evaluation.coco", "evaluation.metrics", "harness", "formats"}),
@@ -560,7 +588,7 @@ def test_output_layer_runs_in_its_weights_dtype_under_autocast(sd_root):
         assert teacher(x, 999, ctx).dtype == torch.bfloat16
 
 
-def test_memory_plan_of_full_size_sd21_base_is_the_readmes_table(sd_root, monkeypatch):
+def test_memory_plan_of_full_size_sd21_base_is_the_docs_table(sd_root, monkeypatch):
     from types import SimpleNamespace
     from transformers import CLIPTextConfig, CLIPTextModel
     from memory import plan as memory
@@ -575,8 +603,8 @@ def test_memory_plan_of_full_size_sd21_base_is_the_readmes_table(sd_root, monkey
     cfg = sb.Config(model=sd_root, precision="bf16", ema_decay=0, batch_size=1)
     state = sb.start_training(cfg, m, meta)
     plan = memory.memory_plan(replace(cfg, ema_decay=0.999), m, state, meta)  # the EMA: counted, not copied off meta
-    readme = open(os.path.join(os.path.dirname(sb.__file__), "README.md")).read()
-    table = readme[readme.index("| what | precision | GB |"):].split("\n\n")[0]
+    doc = open(os.path.join(os.path.dirname(sb.__file__), "docs", "memory.md")).read()
+    table = doc[doc.index("| what | precision | GB |"):].split("\n\n")[0]
     rows = [line.split("|")[-2].strip() for line in table.splitlines()[2:8]]  # the six states' GB
     assert list(plan["device"].values()) == [float(r) for r in rows]
     assert f"**{plan['device states in all']:.1f}**" in table  # 16.4
@@ -590,8 +618,8 @@ def test_memory_plan_of_full_size_sd21_base_is_the_readmes_table(sd_root, monkey
     assert grads == [round(largest, 2)] and f"| {grads[0]:.2f} |" in table.splitlines()[9]
     assert f"**{in_backward['device states in all']:.1f}**" in table.splitlines()[10]
 
-    # --checkpointing auto, the EMA's place and whether it fits, on (faked) cards: the README's table, row for row
-    decisions = readme[readme.index("| card GB | batch |"):].split("\n\n")[0].splitlines()[2:]
+    # --checkpointing auto, the EMA's place and whether it fits, on (faked) cards: the docs' table, row for row
+    decisions = doc[doc.index("| card GB | batch |"):].split("\n\n")[0].splitlines()[2:]
     assert decisions and {row.split("|")[3].strip() for row in decisions} == {"yes", "no"}
     for row in decisions:
         total, batch, step_in_backward, *want = [cell.strip() for cell in row.strip("|").split("|")]
