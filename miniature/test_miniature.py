@@ -328,3 +328,22 @@ def test_bayes_optimal_start_is_the_per_prompt_mean_when_x_T_says_little():
     # at SD's alpha_T the noise still tilts the mean: the outputs differ across z, but stay blurry and in range
     start = world.bayes_optimal_start(z, captions, alpha_T=0.068, sigma_T=0.998, n=512)
     assert (start[0] - start[1]).abs().max() > 1e-3 and start.abs().max() <= 0.7 + 1e-6
+
+
+def test_seeds_table_shows_the_students_mean_and_range_and_the_references_once(tmp_path):
+    from miniature import seeds
+    runs = []
+    for seed, (shape, fd) in enumerate(((0.70, 0.9), (0.80, 1.3))):
+        rows = {"teacher, one step (Eq. 7 at init)": {"shape_acc": [0.33, 0.01], "fd": [1.1, 0.0], "sampling_steps": 1},
+                "SwiftBrush: VSD, x0 student": {"shape_acc": [shape, 0.02], "fd": [fd, 0.0], "steps": 1200,
+                                                "sec_per_step": 0.3 + seed}}
+        run = tmp_path / f"seed{seed}"
+        run.mkdir()
+        (run / "results.json").write_text(json.dumps(rows))
+        runs.append(str(run))
+    lines = seeds.spread_table(runs).splitlines()
+    assert "s/iter" not in lines[0]
+    teacher, student = (dict(zip(lines[0].split(" | "), row.split(" | "))) for row in lines[2:])
+    assert teacher["shape acc"] == "0.33" and teacher["Frechet dist."] == "1.1"
+    assert student["shape acc"] == "0.75 (0.70-0.80)" and student["Frechet dist."] == "1.1 (0.9-1.3)"
+    assert student["training steps"] == "1200"
