@@ -79,7 +79,7 @@ def inputs(B=2, seed=1, L=16, D=32, hw=8):
 
 # Training runs: tiny and fast. EMA_EVERY is lowered so that a 6-step run updates the EMA before and after a
 # resume at step 3 (the EMA's resumability is then tested too).
-BASE = dict(batch_size=2, lora_rank=4, lora_alpha=8.0, lr=1e-3, save_every=0, sample_every=0, seed=0)
+BASE = dict(batch_size=2, lora_rank=4, lora_alpha=8.0, lr=1e-3, save_every=0, sample_every=0, seed=0, prompts="demo")
 
 
 def run(root, out, steps, models=None, **kw):
@@ -94,7 +94,7 @@ def run(root, out, steps, models=None, **kw):
 
 def cli_args(root, out, steps):
     return ["--model", root, "--out", str(out), "--steps", str(steps), "--batch-size", "2", "--lora-rank", "4",
-            "--lora-alpha", "8", "--lr", "1e-3", "--save-every", "0", "--sample-every", "0"]
+            "--lora-alpha", "8", "--lr", "1e-3", "--save-every", "0", "--sample-every", "0", "--prompts", "demo"]
 
 
 def cli(argv):

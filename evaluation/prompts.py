@@ -43,7 +43,7 @@ def coco_captions(path, n):
 
 def text_prompts(path, n):
     """[(line number, prompt)] of the first n prompts of a text file (one per line; repeats kept, blank lines not)."""
-    prompts = read_prompts(path, unique=False)
+    prompts = read_prompts(path)
     numbered = list(enumerate(prompts, 1))
     return _first(numbered, n, f"{path} has {len(prompts)} prompts")
 

@@ -4,7 +4,9 @@
   and tokenizer) whose scheduler makes one step exactly Eq. 7: `pipe(prompt, num_inference_steps=1,
   guidance_scale=0)`;
 - `student.safetensors`: an original single file (UNet, VAE, text encoder) that A1111, ComfyUI and Forge load as a
-  checkpoint; `student-unet.safetensors`: the UNet alone, in the same layout. Both in the teacher's stored dtype.
+  checkpoint, complete in the original layout (the schedule buffers; SD 1's position_ids; SD 2's OpenCLIP block 23,
+  text_projection and logit_scale); `student-unet.safetensors`: the UNet alone, in the same layout. Both in the
+  teacher's stored dtype (the schedule buffers fp32, as the original code holds them).
 
 Written into RUN/export (the student's EMA) at the end of training, and by this command for any run's checkpoint:
 
@@ -22,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from formats.models import load_text, run_teacher, scheduler_config
-from formats.single_file import EXTRA_FILE, write_single_file
+from formats.single_file import EXTRA_FILE, original_only_tensors, write_single_file
 from harness.atomic import atomic
 from harness.flags import UsageError
 from unet import WEIGHT_FILES, WeightsError
@@ -63,11 +65,14 @@ def export_one_step(run, raw=False):
         vae = load_vae(os.path.join(teacher, "vae")).state_dict()
         text = load_text(teacher)[1]
         family = "sd1" if text.config.hidden_act == "quick_gelu" else "sd2"  # SD 2's OpenCLIP uses gelu
-        extra = os.path.join(teacher, EXTRA_FILE)  # OpenCLIP's last block, when the teacher was a single file
-        extra = load_file(extra) if os.path.exists(extra) else None
-        said = {"prediction_type": scheduler_config(teacher).get("prediction_type", "epsilon")}  # not in tensors
+        scheduler = scheduler_config(teacher)
+        said = {"prediction_type": scheduler.get("prediction_type", "epsilon")}  # not in the tensors
         dtype = stored_dtype(teacher)  # an fp16 teacher gives an fp16 file: half the disk, as the tools expect
         unet, vae, text = cast(unet, dtype), cast(vae, dtype), cast(text.state_dict(), dtype)
+        # Complete in the original layout: the teacher file's own extra tensors where it was a single file, the
+        # neutral ones (original_only_tensors) where it lacks them
+        own = os.path.join(teacher, EXTRA_FILE)
+        extra = original_only_tensors(family, text, scheduler) | (load_file(own) if os.path.exists(own) else {})
         write_single_file(os.path.join(tmp, "student.safetensors"), unet, vae, text, family, extra, said)
         write_single_file(os.path.join(tmp, "student-unet.safetensors"), unet, family=family, metadata=said)
     return out

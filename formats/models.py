@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+from dataclasses import dataclass
 
 import torch
 
@@ -79,30 +80,47 @@ def _complete(folder):
         any(os.path.exists(os.path.join(folder, part, c)) for c in choices) for part, choices in WEIGHTS.items())
 
 
-def hub_snapshot(repo_id):
-    """The cached snapshot of `repo_id` if it is whole; otherwise download what we read, with a progress bar."""
+@dataclass(frozen=True)
+class HubKind:
+    """What hub_snapshot fetches from one kind of hub repository, and what it says when it cannot."""
+    repo_type: str   # huggingface_hub's: "model" or "dataset"
+    wanted: object   # (repo_id, the repository's file names) -> the files we read (raises when there are none)
+    whole: object    # a cached snapshot folder -> whether it holds what we read
+    instead: str     # what a user can pass instead of the hub id
+    error: type      # what a failure raises
+
+
+def hub_snapshot(repo_id, kind=None):
+    """The cached snapshot of `repo_id` if it is whole; otherwise download what we read, with a progress bar.
+    `kind`: a HubKind; by default a Stable Diffusion model's (hub_files, _complete)."""
     from huggingface_hub import HfApi, constants, snapshot_download
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+    kind = kind or MODEL_REPO
     try:
-        folder = snapshot_download(repo_id, local_files_only=True)
-        if _complete(folder):
+        folder = snapshot_download(repo_id, repo_type=kind.repo_type, local_files_only=True)
+        if kind.whole(folder):
             return folder
     except (LocalEntryNotFoundError, OSError):
         pass
-    cache = constants.HF_HUB_CACHE
+    cache, noun = constants.HF_HUB_CACHE, kind.repo_type
     try:
-        wanted = hub_files(repo_id, HfApi().list_repo_files(repo_id))
-        return snapshot_download(repo_id, allow_patterns=wanted)
+        wanted = kind.wanted(repo_id, HfApi().list_repo_files(repo_id, repo_type=kind.repo_type))
+        return snapshot_download(repo_id, repo_type=kind.repo_type, allow_patterns=wanted)
     except GatedRepoError:
-        raise WeightsError(f"{repo_id} is gated on the hub: accept its terms there, then `hf auth login`") from None
+        raise kind.error(f"{repo_id} is gated on the hub: accept its terms there, then `hf auth login`") from None
     except RepositoryNotFoundError:
-        raise WeightsError(f"{repo_id}: no such local folder or model on the hub (a private one? `hf auth login`)") from None
-    except WeightsError:
+        raise kind.error(f"{repo_id}: no such local path or {noun} on the hub (a private one? `hf auth login`)") from None
+    except (UsageError, WeightsError):
         raise
     except Exception as e:  # offline mode, no network, hub down: one line, whatever the library raised
         why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"the hub cannot be reached ({type(e).__name__})"
-        raise WeightsError(f"{repo_id}: no such local folder, and as a hub id it is not in the hub cache ({cache}) "
-                           f"while {why}: download it with network (`hf download {repo_id}`), or pass a folder") from None
+        flag = "" if noun == "model" else f" --repo-type {noun}"
+        raise kind.error(f"{repo_id}: no such local path, and as a hub {noun} id it is not in the hub cache ({cache}) "
+                         f"while {why}: download it with network (`hf download {repo_id}{flag}`), or "
+                         f"{kind.instead}") from None
+
+
+MODEL_REPO = HubKind("model", hub_files, _complete, "pass a folder", WeightsError)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ a sub-table for the rest of the key. Sources: diffusers `scripts/convert_diffuse
 and `src/diffusers/loaders/single_file_utils.py`.
 """
 import functools
+import math
 import os
 import pickle
 import re
@@ -185,12 +186,18 @@ def split_qkv(sd):
     return out
 
 
+def text_model_names(text):
+    """The text encoder's keys as its files name them: transformers >= 5.6 drops CLIPTextModel's `text_model.`
+    prefix in memory."""
+    return {k if k.startswith("text_model.") else "text_model." + k: v for k, v in text.items()}
+
+
 def to_original(unet=None, vae=None, text=None, family="sd1"):
     """Our parts (diffusers-layout state dicts; any may be None) -> one dict in the original single-file layout."""
     if family not in ("sd1", "sd2"):
         raise WeightsError(f"family must be 'sd1' or 'sd2', not {family!r}")
-    if text is not None:  # transformers >= 5.6 drops CLIPTextModel's `text_model.` prefix in memory
-        text = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in text.items()}
+    if text is not None:
+        text = text_model_names(text)
         text = fuse_qkv(text) if family == "sd2" else text
     if vae is not None:  # the VAE's only Linear layers are its mid attention, stored as 1x1 convs
         vae = {k: v[:, :, None, None] if v.ndim == 2 else v for k, v in vae.items()}
@@ -257,9 +264,19 @@ TEXT_FIXED = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model
               "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
 
 
+def check_heads(widths, divisor, what):
+    """SD's rule for the heads (SD 2 and both text towers: 64 wide; SD 1's UNet: 8 per block) must split each width
+    into whole heads, at least one: else the file is not SD-shaped, said in one line before a model divides by 0."""
+    bad = [w for w in widths if w < divisor or w % divisor]
+    if bad:
+        raise WeightsError(f"its {what} widths {list(widths)} do not split into SD's heads ({bad[0]} / {divisor} = "
+                           f"{bad[0] / divisor:g}): the file is not Stable Diffusion 1.x/2.x-shaped")
+
+
 def unet_config(sd, family, upcast_attention=False, sample_size=64):
     blocks, layers, up_attention = block_shape("unet", sd.keys(), original=False)
     boc = [sd[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(blocks)]
+    check_heads(boc, 64 if family == "sd2" else 8, "UNet block")
     attention = [f"down_blocks.{i}" if f"down_blocks.{i}.attentions.0.norm.weight" in sd else None
                  for i in range(blocks)]
     depth = [len(_indices(sd, rf"{b or 'mid_block'}\.attentions\.0\.transformer_blocks\.(\d+)\."))
@@ -288,6 +305,7 @@ def vae_config(sd):
 
 def text_config(sd, family):
     tokens = sd["text_model.embeddings.token_embedding.weight"]
+    check_heads([tokens.shape[1]], 64, "text encoder")
     return TEXT_FIXED | {
         "hidden_act": "quick_gelu" if family == "sd1" else "gelu", "hidden_size": tokens.shape[1],
         "num_attention_heads": tokens.shape[1] // 64, "vocab_size": tokens.shape[0],
@@ -368,6 +386,74 @@ def write_single_file(path, unet, vae=None, text=None, family="sd1", extra=None,
         save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata=meta)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The tensors of the original layout that our parts do not hold: what makes a written file complete for a strict load
+# of the original code (ldm's LatentDiffusion with v1- / v2-inference.yaml, which A1111 builds its models with) and
+# for ComfyUI, with values that change nothing SD computes. Sources: Stability-AI/stablediffusion and
+# CompVis/stable-diffusion (ldm/models/diffusion/ddpm.py register_schedule), open_clip's text tower.
+
+LDM_SCHEDULE = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                "posterior_mean_coef1", "posterior_mean_coef2")  # register_schedule's 12 buffers, in its order
+
+
+def ldm_schedule(scheduler):
+    """The 12 schedule buffers of ldm's LatentDiffusion, computed as register_schedule computes them (the betas in
+    float64 torch, the rest in float64 numpy, v_posterior 0) and stored float32, also in an fp16 file: A1111 samples
+    with the file's alphas_cumprod, and fp16 would round abar_999 = 0.0046601 to 0.0046616. `scheduler`: a diffusers
+    scheduler config (SD's when {}); its scaled_linear is ldm's "linear", its linear ldm's "sqrt_linear"."""
+    import numpy as np
+    T, start, end = (scheduler.get(k, v) for k, v in (("num_train_timesteps", 1000), ("beta_start", 0.00085),
+                                                       ("beta_end", 0.012)))
+    kind = scheduler.get("beta_schedule", "scaled_linear")
+    if kind not in ("scaled_linear", "linear"):
+        raise WeightsError(f"beta_schedule {kind!r} has no original single-file layout (scaled_linear or linear)")
+    if kind == "scaled_linear":
+        betas = (torch.linspace(start ** 0.5, end ** 0.5, T, dtype=torch.float64) ** 2).numpy()
+    else:
+        betas = torch.linspace(start, end, T, dtype=torch.float64).numpy()
+    alphas = 1. - betas
+    alphas_cumprod = np.cumprod(alphas, axis=0)
+    alphas_cumprod_prev = np.append(1., alphas_cumprod[:-1])
+    v_posterior = 0.
+    posterior_variance = ((1 - v_posterior) * betas * (1. - alphas_cumprod_prev) / (1. - alphas_cumprod)
+                          + v_posterior * betas)
+    values = (betas, alphas_cumprod, alphas_cumprod_prev, np.sqrt(alphas_cumprod), np.sqrt(1. - alphas_cumprod),
+              np.log(1. - alphas_cumprod), np.sqrt(1. / alphas_cumprod), np.sqrt(1. / alphas_cumprod - 1),
+              posterior_variance, np.log(np.maximum(posterior_variance, 1e-20)),
+              betas * np.sqrt(alphas_cumprod_prev) / (1. - alphas_cumprod),
+              (1. - alphas_cumprod_prev) * np.sqrt(alphas) / (1. - alphas_cumprod))
+    return {name: torch.tensor(v, dtype=torch.float32) for name, v in zip(LDM_SCHEDULE, values)}
+
+
+def original_only_tensors(family, text, scheduler):
+    """The original layout's tensors beyond our parts: the 12 schedule buffers (ldm's values); SD 1's position_ids
+    (int64 [1, 77], as transformers < 4.31 saved them); SD 2's OpenCLIP block 23 (all zeros, an exact identity: x + 0
+    + 0; SD 2 conditions on block 22's output, so no reader's image changes), text_projection (the identity, shape
+    [width, width]: diffusers reads the width from it) and logit_scale (ln 100; only CLIP scores read it). `text`:
+    our text encoder's state dict, whose names, shapes, dtype and device these follow (the meta device works)."""
+    out = ldm_schedule(scheduler)
+    text = text_model_names(text)
+    tokens = text["text_model.embeddings.token_embedding.weight"]
+    like = dict(dtype=tokens.dtype, device=tokens.device)
+    prefix = PARTS[family][0]
+    if family == "sd1":
+        if "text_model.embeddings.position_ids" not in text:  # a buffer that transformers >= 4.31 does not save
+            n = text["text_model.embeddings.position_embedding.weight"].shape[0]
+            out[prefix + "text_model.embeddings.position_ids"] = torch.arange(n)[None]  # int64, on the CPU
+        return out
+    last = UNUSED_OPENCLIP_BLOCK.split(".")[-2]  # "23": ViT-H's 24th block, absent from an SD 2 folder's 23 layers
+    if len(_indices(text, r"text_model\.encoder\.layers\.(\d+)\.")) == int(last):
+        block = fuse_qkv({k: v for k, v in text.items() if k.startswith(f"text_model.encoder.layers.{int(last) - 1}.")})
+        for k, v in rename_part(block, "sd2", to_original=True)[0].items():
+            out[prefix + k.replace(f".{int(last) - 1}.", f".{last}.")] = torch.zeros(v.shape, **like)
+    width = tokens.shape[1]
+    out[prefix + "text_projection"] = torch.eye(width, **like)
+    out[prefix + "logit_scale"] = torch.full((), math.log(100.0), **like)
+    return out
+
+
 SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
              "beta_start": 0.00085, "beta_end": 0.012, "clip_sample": False, "set_alpha_to_one": False,
              "steps_offset": 1}  # SD 1.x and 2.x were all trained on this schedule; only the prediction type differs
@@ -376,7 +462,7 @@ EXTRA_FILE = "original_extra.safetensors"  # a folder's unused original tensors,
 
 def write_folder(parts, folder, prediction_type):
     """`read_single_file`'s parts as a diffusers-layout folder (no tokenizer: a single file has none), with the
-    original tensors a written-back file needs (OpenCLIP's last block and head) in EXTRA_FILE."""
+    original tensors a written-back file keeps (OpenCLIP's last block and head, the schedule buffers) in EXTRA_FILE."""
     import json
     names = {"unet": ("unet", "diffusion_pytorch_model.safetensors"),
              "vae": ("vae", "diffusion_pytorch_model.safetensors"), "text": ("text_encoder", "model.safetensors")}
@@ -389,7 +475,8 @@ def write_folder(parts, folder, prediction_type):
     os.makedirs(os.path.join(folder, "scheduler"))
     with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
         json.dump(SCHEDULER | {"prediction_type": prediction_type}, f, indent=2)
-    text = {k: v.contiguous() for k, v in parts["extra"].items() if k.startswith(PARTS[parts["family"]][0])}
+    text = {k: v.contiguous() for k, v in parts["extra"].items()
+            if k.startswith(PARTS[parts["family"]][0]) or k in LDM_SCHEDULE}  # the file's own, kept for writing back
     save_file(text, os.path.join(folder, EXTRA_FILE), {"family": parts["family"]})
 
 

@@ -13,13 +13,13 @@ from safetensors.torch import load_file, save_file
 import sample
 from conftest import cli, cli_error, rel_err
 from formats.models import CLIP_TOKENIZER, load_text, resolve_model
-from formats.single_file import file_metadata, read_single_file, write_single_file
+from formats.single_file import LDM_SCHEDULE, file_metadata, read_single_file, write_single_file
 from parity.tiny_sd import make_tiny_sd
 from unet import load_unet
 from vae import load_vae
 
 RUN = ["--steps", "2", "--batch-size", "1", "--lora-rank", "2", "--lora-alpha", "2", "--lr", "1e-3",
-       "--save-every", "0", "--sample-every", "0", "--resolution", "16"]  # a file does not say its size: SD's 512
+       "--save-every", "0", "--sample-every", "0", "--resolution", "16", "--prompts", "demo"]  # SD's 512 otherwise
 
 
 def folder_as_single_file(root, path):
@@ -141,6 +141,13 @@ def test_bad_single_files_get_one_line(sd1, tmp_path, capsys, monkeypatch):
     line = cli_error(["--model", sd1.root, "--prediction-type", "v_prediction", "--out", str(tmp_path / "o")] + RUN,
                      capsys)
     assert "single-file" in line
+    narrow = make_tiny_sd(str(tmp_path / "narrow"))  # UNet blocks 32 and 64 wide: SD 2's 64-wide heads give 0.5
+    path = str(tmp_path / "narrow.safetensors")
+    write_single_file(path, load_unet(narrow).state_dict(), load_vae(os.path.join(narrow, "vae")).state_dict(),
+                      load_text(narrow)[1].state_dict(), "sd2")
+    line = cli_error(["--model", path, "--out", str(tmp_path / "out")] + RUN, capsys)
+    assert "UNet block widths [32, 64] do not split into SD's heads (32 / 64 = 0.5)" in line
+    assert "not Stable Diffusion 1.x/2.x-shaped" in line
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
 
 
@@ -192,6 +199,8 @@ def test_an_fp16_teacher_gives_fp16_single_files(sd1, tmp_path):
     save_file({k: v.half() for k, v in load_file(weights).items()}, weights)
     cli(["--model", root, "--out", str(tmp_path / "run")] + RUN)
     export = tmp_path / "run" / "export"
-    assert {v.dtype for v in load_file(export / "student.safetensors").values()} == {torch.float16}
+    written = load_file(export / "student.safetensors")
+    assert {v.dtype for k, v in written.items() if k not in LDM_SCHEDULE and "position_ids" not in k} == {torch.float16}
+    assert {written[k].dtype for k in LDM_SCHEDULE} == {torch.float32}  # as ldm holds them: A1111 samples with them
     assert {v.dtype for v in load_file(export / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").values()} \
         == {torch.float32}  # the pipeline keeps the trained fp32 weights: sample.py's image to 1e-4

@@ -1,6 +1,7 @@
 """single_file.py against diffusers, the oracle: round trips, diffusers' own LDM converters, diffusers'
 from_single_file, the full-size SD 1.5 / 2.1 key sets (on the meta device), and one clear line for bad files."""
 import functools
+import math
 import os
 
 import pytest
@@ -182,7 +183,8 @@ def test_diffusers_from_single_file(family, tmp_path):
                             scheduler=DDIMScheduler(clip_sample=False), safety_checker=None, feature_extractor=None,
                             requires_safety_checker=False).save_pretrained(folder)
     path = str(tmp_path / "model.safetensors")
-    sf.write_single_file(path, *parts(family), family)
+    unet, vae, text = parts(family)  # complete in the original layout, as our exports: diffusers ignores the rest
+    sf.write_single_file(path, unet, vae, text, family, extra=sf.original_only_tensors(family, text, {}))
     pipe = StableDiffusionPipeline.from_single_file(path, config=folder, local_files_only=True,
                                                     safety_checker=None, requires_safety_checker=False)
 
@@ -268,6 +270,83 @@ def test_full_size_key_sets(family):
     text_config = sf.text_config(back["text"], family)
     assert {k: text_config[k] for k in spec["text"]} == spec["text"]
     assert sf.vae_config(back["vae"])["block_out_channels"] == [128, 256, 512, 512]
+
+
+# The original layout's keys, from its sources (ldm's LatentDiffusion.register_schedule; transformers' CLIPTextModel
+# before 4.31 for SD 1; open_clip's text tower for SD 2: 24 blocks, text_projection, logit_scale), against what a
+# file we write holds: every key the original code loads strictly, and nothing else.
+LDM_BUFFERS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+               "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+               "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2"}
+CLIP_LAYER = [f"self_attn.{p}_proj.{w}" for p in ("q", "k", "v", "out") for w in ("weight", "bias")] + \
+    [f"{m}.{w}" for m in ("layer_norm1", "mlp.fc1", "mlp.fc2", "layer_norm2") for w in ("weight", "bias")]
+OPENCLIP_BLOCK = [f"{m}.{w}" for m in ("ln_1", "attn.out_proj", "ln_2", "mlp.c_fc", "mlp.c_proj") for w in ("weight", "bias")] \
+    + ["attn.in_proj_weight", "attn.in_proj_bias"]
+ORIGINAL_TEXT = {
+    "sd1": {"cond_stage_model.transformer.text_model." + k for k in
+            ["embeddings.position_ids", "embeddings.token_embedding.weight", "embeddings.position_embedding.weight",
+             "final_layer_norm.weight", "final_layer_norm.bias"]
+            + [f"encoder.layers.{i}.{k}" for i in range(12) for k in CLIP_LAYER]},
+    "sd2": {OPENCLIP + k for k in ["token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias",
+                                   "text_projection", "logit_scale"]
+            + [f"transformer.resblocks.{i}.{k}" for i in range(24) for k in OPENCLIP_BLOCK]},
+}
+
+
+def _full_size_text(family):
+    """The full-size text tower of SD 1.5 or SD 2.1 (23 layers: the folder's), on the meta device."""
+    with torch.device("meta"):
+        return text_sd(CLIPTextModel(CLIPTextConfig(**FULL[family]["text"])))
+
+
+@pytest.mark.parametrize("family, n_text", [("sd1", 197), ("sd2", 294)])
+def test_written_files_hold_every_key_of_the_original_layout(family, n_text):
+    text = _full_size_text(family)
+    extra = sf.original_only_tensors(family, text, {})
+    written = sf.to_original(text=text, family=family) | extra
+    assert len(ORIGINAL_TEXT[family]) == n_text
+    assert {k for k in written if k.startswith("cond_stage_model.")} == ORIGINAL_TEXT[family]
+    assert {k for k in written if not k.startswith("cond_stage_model.")} == LDM_BUFFERS
+    for name in LDM_BUFFERS:
+        assert written[name].shape == (1000,) and written[name].dtype == torch.float32
+    if family == "sd1":
+        ids = written["cond_stage_model.transformer.text_model.embeddings.position_ids"]
+        assert ids.dtype == torch.int64 and ids.shape == (1, 77) and torch.equal(ids.cpu(), torch.arange(77)[None])
+    else:
+        assert written[OPENCLIP + "text_projection"].shape == (1024, 1024) and written[OPENCLIP + "logit_scale"].shape == ()
+        for k in OPENCLIP_BLOCK:
+            assert written[OPENCLIP + f"transformer.resblocks.23.{k}"].shape == written[
+                OPENCLIP + f"transformer.resblocks.22.{k}"].shape, k
+    # read back, the added tensors are the file's extra and our parts are whole: 23 (SD 2) or 12 (SD 1) layers
+    back = sf.from_original(written | {k: v for k, v in sf.to_original(*parts(family), family).items()
+                                       if not k.startswith("cond_stage_model.")})
+    assert back["extra"].keys() == extra.keys() and back["text"].keys() == text.keys()
+
+
+def test_the_added_tensors_change_nothing_sd_computes():
+    """The schedule is ldm's own (A1111 samples with its alphas_cumprod: the abar of our f_theta, bit for bit); an
+    all-zero OpenCLIP block is the identity; text_projection the identity, logit_scale ln 100."""
+    from swiftbrush import Schedule
+    schedule = sf.ldm_schedule({})
+    assert torch.equal(schedule["alphas_cumprod"], Schedule().abar)
+    assert abs(schedule["alphas_cumprod"][-1].item() - 0.0046600985) < 1e-9
+    assert abs(schedule["sqrt_recipm1_alphas_cumprod"][-1].item() - 14.614641) < 1e-5  # sigma_max of A1111, ComfyUI
+    assert schedule["posterior_variance"][0] == 0 and schedule["posterior_mean_coef1"][0] == 1
+    assert schedule["posterior_log_variance_clipped"][0] == torch.tensor(math.log(1e-20), dtype=torch.float32)
+    text = text_sd(tiny("sd2")[2])  # 23 layers, width 64
+    extra = sf.original_only_tensors("sd2", text, {})
+    block = {k.split("resblocks.23.")[1]: v for k, v in extra.items() if "resblocks.23." in k}
+    assert len(block) == 12 and all(not v.any() for v in block.values())
+    width, inner = block["mlp.c_fc.weight"].shape[1], block["mlp.c_fc.weight"].shape[0]
+    attn, ln_1, ln_2 = torch.nn.MultiheadAttention(width, 1), torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
+    c_fc, c_proj = torch.nn.Linear(width, inner), torch.nn.Linear(inner, width)
+    for module, name in ((attn, "attn."), (ln_1, "ln_1."), (ln_2, "ln_2."), (c_fc, "mlp.c_fc."), (c_proj, "mlp.c_proj.")):
+        module.load_state_dict({k[len(name):]: v for k, v in block.items() if k.startswith(name)}, strict=True)
+    x = torch.randn(5, 2, width)  # open_clip's ResidualAttentionBlock: x + attn(ln_1(x)), then + mlp(ln_2(x))
+    x1 = x + attn(*[ln_1(x)] * 3, need_weights=False)[0]
+    assert torch.equal(x1 + c_proj(torch.nn.functional.gelu(c_fc(ln_2(x1)))), x)
+    assert torch.equal(extra[OPENCLIP + "text_projection"], torch.eye(width))
+    assert extra[OPENCLIP + "logit_scale"].item() == pytest.approx(math.log(100))
 
 
 # ---------------------------------------------------------------------------------------------------------------

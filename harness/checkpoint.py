@@ -76,8 +76,7 @@ def _load_optimiser(opt, tensors, prefix, groups):
 
 
 def save_checkpoint(cfg, m, state):
-    """Everything an exact resume needs (student, EMA, LoRA, both Adam states, RNG, prompt order, step), and the
-    student exported beside it."""
+    """Everything an exact resume needs (student, EMA, LoRA, both Adam states, RNG, prompt order, step)."""
     tensors = {f"student/{k}": v for k, v in _cpu(m.student.state_dict()).items()}
     tensors.update({f"ema/{k}": v for k, v in _cpu(state["ema"] or {}).items()})  # on the device where it fits
     tensors.update({f"lora/{k}": v for k, v in _cpu(lora_state_dict(m.teacher)).items()})
@@ -91,7 +90,6 @@ def save_checkpoint(cfg, m, state):
     meta = {"config": json.dumps(asdict(cfg)), "step": str(state["step"]), "cursor": str(state["cursor"]),
             "param_groups": json.dumps(groups), "prompts_sha256": _sha(m.prompts)}
     save_tensors(tensors, os.path.join(cfg.out, CHECKPOINT), meta)
-    export_student(cfg, m, state)
 
 
 def load_checkpoint(cfg, m, state):
@@ -127,7 +125,8 @@ def load_checkpoint(cfg, m, state):
 
 
 def _sha(prompts):
-    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+    """Of the prompts joined by newlines; a PromptList's was computed as it was written (formats/prompts.py)."""
+    return getattr(prompts, "sha256", None) or hashlib.sha256("\n".join(prompts).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -142,11 +141,11 @@ def export_unet(state_dict, config, folder):
     write_json(os.path.join(folder, "config.json"), config)
 
 
-def export_student(cfg, m, state):
-    """unet/ (the student as trained) and unet_ema/ (its EMA) in cfg.out."""
+def export_student(cfg, m, ema):
+    """unet/ (the student as trained) and unet_ema/ (`ema`, its EMA, unless None) in cfg.out."""
     export_unet(m.student.state_dict(), m.student.config, os.path.join(cfg.out, "unet"))
-    if state["ema"] is not None:
-        export_unet(state["ema"], m.student.config, os.path.join(cfg.out, "unet_ema"))
+    if ema is not None:
+        export_unet(ema, m.student.config, os.path.join(cfg.out, "unet_ema"))
 
 
 def write_run_info(cfg, m):

