@@ -26,9 +26,10 @@ from formats.export import export_one_step
 from formats.models import latent_shape, pick_model, resolve_model, scheduler_config
 from formats.prompts import PAPER_PROMPTS, open_prompts, pick_prompts, prompt_embeddings
 from harness import flags
-from harness.checkpoint import (CheckpointError, TrainingDiverged, check_finite, check_out_folder,
-                                ctrl_c_finishes_the_step, export_student, load_checkpoint, read_log, save_checkpoint,
-                                truncate_log, write_run_info)
+from harness.checkpoint import (CheckpointError, Interrupted, TrainingDiverged, check_finite, check_out_folder,
+                                ctrl_c_finishes_the_step, load_checkpoint, read_log, save_checkpoint, truncate_log,
+                                write_run_info)
+from harness.distributed import ONE, World, accumulating, check_world, close, data_parallel, quiet_unless_main
 from harness.flags import UsageError
 from harness.images import save_grid
 from harness.report import EVAL_COLUMNS, LOSS_COLUMNS, Report, loss_numbers
@@ -155,11 +156,12 @@ def f_theta(student, z, context, schedule, param="x0"):
 
 def render(m, cfg, state):
     """Step 1 of Algorithm 1: x0 = f_theta(z, y) for the next batch of prompts y and fresh noises z ~ N(0, I);
-    returns (x0 in fp32, y's text states)."""
-    device = next(m.student.parameters()).device
-    context = m.embeddings[next_prompts(state, cfg.batch_size)].to(device)
-    z = torch.randn((cfg.batch_size, *m.latent_shape), generator=state["gen"]).to(device)
-    return f_theta(m.student, z, context, m.schedule, cfg.param).float(), context
+    returns (x0 in fp32, y's text states). Over N ranks (harness/distributed.py) each draws the whole batch and
+    keeps its share, and the student's forward goes through DDP."""
+    device, world, B = next(m.student.parameters()).device, state["world"], cfg.batch_size  # B: over every rank
+    context = m.embeddings[world.share(next_prompts(state, B))].to(device)
+    z = world.share(torch.randn((B, *m.latent_shape), generator=state["gen"])).to(device)
+    return f_theta(state["student_ddp"], z, context, m.schedule, cfg.param).float(), context
 
 
 def eps_cfg(unet, x_t, t, context, uncond, scale, schedule):
@@ -172,12 +174,12 @@ def eps_cfg(unet, x_t, t, context, uncond, scale, schedule):
     return eps_u + scale * (eps_c - eps_u)
 
 
-def score_gradient(m, cfg, x0, context, gen):
+def score_gradient(m, cfg, x0, context, gen, world=ONE):
     """Steps 2-3 of Algorithm 1: g = w(t) (eps_psi - eps_phi) (Eq. 5, VSD) or w(t) (eps_psi - eps) (Eq. 2, SDS)."""
-    B, schedule = x0.shape[0], m.schedule
+    B, schedule = len(x0) * world.size, m.schedule  # the whole batch: every rank draws all of it, keeps its share
     lo, hi = STUDENT_T
-    t = torch.randint(int(lo * schedule.T), int(hi * schedule.T) + 1, (B,), generator=gen).to(x0.device)
-    eps = torch.randn(x0.shape, generator=gen).to(x0.device)
+    t = world.share(torch.randint(int(lo * schedule.T), int(hi * schedule.T) + 1, (B,), generator=gen)).to(x0.device)
+    eps = world.share(torch.randn((B, *x0.shape[1:]), generator=gen)).to(x0.device)
     alpha_t, sigma_t = schedule.at(t, x0)
     x_t = alpha_t * x0 + sigma_t * eps  # Eq. 1
     uncond = m.uncond.to(x0.device)
@@ -201,16 +203,16 @@ def surrogate_loss(x0, g):
     return 0.5 * F.mse_loss(x0, (x0 - g).detach())
 
 
-def diffusion_loss(unet, x0, context, uncond, schedule, gen, p_uncond=P_UNCOND, abar_weighted=True):
+def diffusion_loss(unet, x0, context, uncond, schedule, gen, p_uncond=P_UNCOND, abar_weighted=True, world=ONE):
     """Step 5, Eq. 6: ||eps_phi(alpha_t sg(x0) + sigma_t eps, t, y) - eps||^2, weighted by abar_t = alpha_t^2 as the
     authors do; abar_weighted=False: plain DDPM training, the MSE in the model's own output (eps, or v).
 
     The prompt is dropped to "" with probability p_uncond so the unconditional branch used by CFG keeps
     learning the student's distribution too."""
-    B = x0.shape[0]
-    t = torch.randint(0, schedule.T, (B,), generator=gen).to(x0.device)
-    eps = torch.randn(x0.shape, generator=gen).to(x0.device)
-    drop = (torch.rand(B, generator=gen) < p_uncond).to(x0.device).view(B, 1, 1)
+    B = len(x0) * world.size  # the whole batch, as in score_gradient
+    t = world.share(torch.randint(0, schedule.T, (B,), generator=gen)).to(x0.device)
+    eps = world.share(torch.randn((B, *x0.shape[1:]), generator=gen)).to(x0.device)
+    drop = (world.share(torch.rand(B, generator=gen)) < p_uncond).to(x0.device).view(-1, 1, 1)
     context = torch.where(drop, uncond.to(x0.device).expand_as(context), context)
     alpha_t, sigma_t = schedule.at(t, x0)
     x_t = alpha_t * x0.detach() + sigma_t * eps
@@ -225,18 +227,19 @@ def train_step(m, cfg, state, autocast):
 
     The student is stepped (its gradients freed) before the LoRA pass: one UNet of gradients less at the peak; with
     --step-in-backward (one micro-batch) it is stepped inside its backward, its gradients never held whole."""
-    logs = {"loss_student": 0.0}
+    logs, world = {"loss_student": 0.0}, state["world"]
     renders = []  # (sg(x0), y) of each micro-batch, for step 5
-    for _ in range(cfg.grad_accum):
-        with autocast:
-            x0, context = render(m, cfg, state)                                  # step 1: x0 = f_theta(z, y)
-            g = score_gradient(m, cfg, x0.detach(), context, state["gen"])       # steps 2-3
-        loss = surrogate_loss(x0, g)                                             # step 4: d loss / d x0 = g / N
-        if cfg.step_in_backward:
-            logs["grad_norm_student"] = clip_and_step_in_backward(state["opt_student"], loss, state, MAX_GRAD_NORM)
-        else:
-            (loss / cfg.grad_accum).backward()
-        logs["loss_student"] += loss.item() / cfg.grad_accum
+    for i in range(cfg.grad_accum):
+        with accumulating(state["student_ddp"], last=i == cfg.grad_accum - 1):  # DDP: all-reduce on the last
+            with autocast:
+                x0, context = render(m, cfg, state)                              # step 1: x0 = f_theta(z, y)
+                g = score_gradient(m, cfg, x0.detach(), context, state["gen"], world)  # steps 2-3
+            loss = surrogate_loss(x0, g)                                         # step 4: d loss / d x0 = g / N
+            if cfg.step_in_backward:
+                logs["grad_norm_student"] = clip_and_step_in_backward(state["opt_student"], loss, state, MAX_GRAD_NORM)
+            else:
+                (loss / cfg.grad_accum).backward()
+        logs["loss_student"] += world.mean(loss.item()) / cfg.grad_accum      # the whole batch's, on every rank
         renders.append((x0.detach(), context))
     if not cfg.step_in_backward:
         logs["grad_norm_student"] = clip_and_step(state["opt_student"], "student", logs["loss_student"], state)
@@ -246,12 +249,13 @@ def train_step(m, cfg, state, autocast):
                 with torch.no_grad(), autocast:
                     renders = [render(m, cfg, state) for _ in range(cfg.grad_accum)]
             logs["loss_lora"] = 0.0
-            for x0, context in renders:
-                with autocast:
-                    loss_phi = diffusion_loss(m.teacher, x0, context, m.uncond, m.schedule, state["gen"],
-                                              abar_weighted=cfg.lora_loss == "abar")
-                (loss_phi / cfg.grad_accum).backward()
-                logs["loss_lora"] += loss_phi.item() / cfg.grad_accum
+            for i, (x0, context) in enumerate(renders):
+                with accumulating(state["teacher_ddp"], last=i == len(renders) - 1):
+                    with autocast:
+                        loss_phi = diffusion_loss(state["teacher_ddp"], x0, context, m.uncond, m.schedule,
+                                                  state["gen"], abar_weighted=cfg.lora_loss == "abar", world=world)
+                    (loss_phi / cfg.grad_accum).backward()
+                logs["loss_lora"] += world.mean(loss_phi.item()) / cfg.grad_accum
             logs["grad_norm_lora"] = clip_and_step(state["opt_lora"], "lora", logs["loss_lora"], state)
     return logs
 
@@ -296,9 +300,9 @@ def load_models(cfg, device):
                   embeddings.uncond, latent_shape(teacher, vae, cfg.resolution), vae, folder)
 
 
-def start_training(cfg, m, device):
+def start_training(cfg, m, device, world=ONE):
     """Freeze the teacher, give it the LoRA of eps_phi, make the optimisers, the memory plan (which decides
-    checkpointing and the EMA's place), the EMA and the loop's RNG: `state`."""
+    checkpointing and the EMA's place), the EMA (on rank 0 only) and the loop's RNG: `state`."""
     bf16 = uses_bf16(cfg.precision, device)  # the GPU recipe: bf16 teacher and autocast
     m.teacher.requires_grad_(False).to(device, torch.bfloat16 if bf16 else torch.float32)
     m.student.requires_grad_(True).to(device, torch.float32).train()  # fp32 master weights: lr 1e-6 vanishes in bf16
@@ -313,10 +317,12 @@ def start_training(cfg, m, device):
         opt_lora = adam(phi, cfg.lora_lr, device)
     gen = torch.Generator().manual_seed(cfg.seed)  # all of the loop's randomness: resumable exactly
     state = {"step": 0, "cursor": 0, "order": torch.randperm(len(m.prompts), generator=gen), "gen": gen,
-             "opt_student": student_optimiser(cfg, m, device), "opt_lora": opt_lora, "ema": None}
+             "opt_student": student_optimiser(cfg, m, device), "opt_lora": opt_lora, "ema": None, "world": world,
+             "student_ddp": m.student, "teacher_ddp": m.teacher}  # what the grad-enabled forwards call: over N
+    # ranks DDP's wrappers (harness/distributed.data_parallel), the modules themselves in one process
     state["plan"] = plan = memory_plan(cfg, m, state, device)
     m.teacher.gradient_checkpointing = m.student.gradient_checkpointing = plan["checkpointing"]
-    if cfg.ema_decay > 0:  # the step does not need it: on the CPU unless the device has room to spare
+    if cfg.ema_decay > 0 and world.main:  # the step does not need it: on the CPU unless the device has room to spare
         where = device if plan["EMA on the device"] else "cpu"
         state["ema"] = {k: v.detach().float().to(where, copy=True) for k, v in m.student.state_dict().items()}
     return state
@@ -378,9 +384,10 @@ def count_step(m, cfg, state):
         update_ema(state["ema"], m.student, state["step"], cfg.ema_decay)
 
 
-def training_device(name=None):
-    """--device, by default cuda where there is one; on CUDA, TF32 matmuls and convolutions."""
-    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+def training_device(name=None, world=ONE):
+    """--device, by default cuda where there is one (over N ranks each rank's LOCAL_RANK GPU); on CUDA, TF32 matmuls
+    and convolutions."""
+    device = world.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return device
@@ -410,19 +417,22 @@ def student_samples(m, cfg, n_prompts=4, n_seeds=2):
 
 
 @torch.no_grad()
-def score_errors(m, cfg, ts=(100, 300, 500, 700, 900)):
+def score_errors(m, cfg, world=ONE, ts=(100, 300, 500, 700, 900)):
     """Diagnostic: eps-MSE of eps_phi (LoRA on) and eps_psi (off) on fixed student samples, at a few t, without CFG.
-    VSD needs eps_phi at or below eps_psi: the LoRA teacher must model the student's distribution."""
+    VSD needs eps_phi at or below eps_psi: the LoRA teacher must model the student's distribution. Over N ranks
+    each scores its share of the samples (all of them, where fewer prompts than the batch do not split)."""
     gen, device = torch.Generator().manual_seed(0), next(m.student.parameters()).device
-    context = m.embeddings[:cfg.batch_size].to(device)
-    z, eps = torch.randn((2, len(context), *m.latent_shape), generator=gen).to(device)
+    n = min(cfg.batch_size, len(m.embeddings))
+    split = world if n % world.size == 0 else ONE
+    context = m.embeddings[split.share(torch.arange(n))].to(device)
+    z, eps = (split.share(x).to(device) for x in torch.randn((2, n, *m.latent_shape), generator=gen))
     x0 = f_theta(m.student, z, context, m.schedule, cfg.param).float()
     errors = {}
     for step in ts:
         t = torch.full((len(x0),), step, device=device)
         alpha_t, sigma_t = m.schedule.at(t, x0)
         x_t = alpha_t * x0 + sigma_t * eps
-        mse = lambda: F.mse_loss(m.schedule.eps(m.teacher(x_t, t, context), x_t, t).float(), eps).item()
+        mse = lambda: split.mean(F.mse_loss(m.schedule.eps(m.teacher(x_t, t, context), x_t, t).float(), eps).item())
         with lora_disabled(m.teacher):
             errors[f"mse_psi_t{step}"] = mse()
         errors[f"mse_phi_t{step}"] = mse()
@@ -437,20 +447,31 @@ def train(cfg, models=None, progress=True):
     """Algorithm 1 for cfg.steps iterations in all, continuing the checkpoint in cfg.out if there is one.
     Returns (models, state): the trained student is models.student, its EMA ema_caught_up(state, ...)."""
     from tqdm import tqdm
-    device = training_device(cfg.device)
-    m = models or load_models(cfg, device)
-    state = start_training(cfg, m, device)
-    os.makedirs(cfg.out, exist_ok=True)
-    load_checkpoint(cfg, m, state)  # if cfg.out holds one
+    world = World.from_env()  # torchrun's ranks (docs/distributed.md); one process without it
+    check_world(cfg, world)
+    device = training_device(cfg.device, world)
+    world.start(device)  # the process group: NCCL on CUDA, gloo on the CPU
+    with world.local_first():  # the hub's download or the miniature's teacher, once per machine
+        m = models or load_models(cfg, device)
+    state = start_training(cfg, m, device, world)
+    load_checkpoint(cfg, m, state)  # if cfg.out holds one; every rank reads it
+    if not world.same_on_every_rank(state["step"]):
+        raise CheckpointError(f"the ranks read different checkpoints from {cfg.out}: --out must be one folder that "
+                              f"every rank reads (on several machines, a shared filesystem)")
     log_path = os.path.join(cfg.out, "log.jsonl")
-    truncate_log(log_path, state["step"])  # steps logged after the checkpoint (a crash) are redone
-    write_run_info(cfg, m)
-    write_memory_plan(state["plan"], cfg.out)
+    if world.main:  # rank 0 writes
+        os.makedirs(cfg.out, exist_ok=True)
+        truncate_log(log_path, state["step"])  # steps logged after the checkpoint (a crash) are redone
+        write_run_info(cfg, m)
+        write_memory_plan(state["plan"], cfg.out)
 
     autocast = autocast_for(device, cfg.precision)
-    with tqdm(total=cfg.steps, initial=state["step"], disable=not progress, desc=f"{cfg.loss}-{cfg.param}",
-              dynamic_ncols=True) as bar, open(log_path, "a") as log, ctrl_c_finishes_the_step(cfg.out) as ctrl_c:
-        while state["step"] < cfg.steps and not ctrl_c:
+    with (tqdm(total=cfg.steps, initial=state["step"], disable=not progress or not world.main,
+               desc=f"{cfg.loss}-{cfg.param}", dynamic_ncols=True) as bar,
+          open(log_path if world.main else os.devnull, "a") as log,  # rank 0 writes the log
+          ctrl_c_finishes_the_step(cfg.out, speak=world.main) as caught,  # and Ctrl-C, SIGTERM
+          data_parallel(state, world, device)):  # over N ranks, DDP's wrappers, released at the end
+        while not world.stops(caught) and state["step"] < cfg.steps:  # every rank stops after the same step
             t0 = time.time()
             logs = train_step(m, cfg, state, autocast)
             count_step(m, cfg, state)
@@ -458,11 +479,11 @@ def train(cfg, models=None, progress=True):
                     "peak_gb": peak_gb(device)}
             if cfg.diagnose_every and state["step"] % cfg.diagnose_every == 0:
                 with autocast:
-                    logs.update(score_errors(m, cfg))
+                    logs.update(score_errors(m, cfg, world))
             log.write(json.dumps(logs) + "\n")
             bar.update(1)
             bar.set_postfix({k[5:]: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss_")})
-            if cfg.sample_every and state["step"] % cfg.sample_every == 0:
+            if cfg.sample_every and state["step"] % cfg.sample_every == 0 and world.main:
                 save_grid(student_samples(m, cfg), os.path.join(cfg.out, "samples", f"step_{state['step']:06d}.png"))
             if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < cfg.steps:
                 log.flush()
@@ -473,9 +494,8 @@ def train(cfg, models=None, progress=True):
 
 
 def save_run(cfg, m, state):
-    """The checkpoint (the EMA as scheduled: a resume is exact), then unet/ and unet_ema/ (the EMA caught up)."""
-    save_checkpoint(cfg, m, state)
-    export_student(cfg, m, ema_caught_up(state, m.student, cfg.ema_decay))
+    """The checkpoint, its EMA as scheduled (so a resume is exact), and unet/ and unet_ema/, the EMA caught up."""
+    save_checkpoint(cfg, m, state, ema_caught_up(state, m.student, cfg.ema_decay))
 
 
 # ==================================================================================================
@@ -496,12 +516,15 @@ def miniature_package(model):
     return miniature
 
 
-def coco_evaluation(args, base):
+def coco_evaluation(args, base, world):
     """--eval-captions (Stable Diffusion): a function that evaluates a trained student on COCO-2014 and returns its
     numbers, or None. The method's second upward import, lazy like miniature_package: evaluation/ checks its inputs
     now, before any training."""
     if "eval_captions" not in args:
         return None
+    if world.size > 1:
+        raise UsageError("--eval-captions evaluates in one process: under torchrun, train, then run python -m "
+                         "evaluation --student OUT --captions ... --images ... (docs/evaluation.md)")
     if base.model in MINIATURES:
         raise UsageError("--eval-captions: the miniature is scored against its world's truth; the COCO-2014 "
                          "evaluation is for Stable Diffusion students")
@@ -534,15 +557,22 @@ def runs_from_args(args):
 def main(argv=None):
     args = parse_args(argv)
     try:
+        world = World.from_env()  # torchrun's ranks: each trains, rank 0 alone exports, reports and prints
+        quiet_unless_main(world)
         base, runs = runs_from_args(args)
         for _, cfg in runs:
+            check_world(cfg, world)
             check_out_folder(cfg, args.resume)
         mini = miniature_package(base.model)
-        coco = coco_evaluation(args, base)  # None without --eval-captions
+        coco = coco_evaluation(args, base, world)  # None without --eval-captions
         columns = LOSS_COLUMNS + (EVAL_COLUMNS if coco else [])
-        report = mini.report.MiniatureReport(base.out, base.model) if mini else Report(base.out, columns)
+        report = None
+        if world.main:
+            report = mini.report.MiniatureReport(base.out, base.model) if mini else Report(base.out, columns)
         for name, cfg in runs:
             m, state = train(cfg)
+            if not world.main:
+                continue
             exported = export_one_step(cfg.out)  # the pipeline folder and single files other tools load
             if exported:
                 print(f"export: {exported} (pipeline/, student.safetensors, student-unet.safetensors)")
@@ -555,18 +585,25 @@ def main(argv=None):
             del m, state  # one student in memory at a time (the evaluation loads it again from cfg.out)
             numbers = {**loss_numbers(cfg), **(coco(cfg) if coco else {})}
             report.add(name, numbers, samples, curves=(f"{cfg.loss}-{cfg.param}", read_log(cfg.out)))
+        if not world.main:
+            return close()
         if not mini and not coco:
             report.notes.append(f"FID, CLIP score and FD-DINOv2 (COCO-2014): add --eval-captions captions_val2014.json "
                                 f"--eval-images val2014/ to this command, or run python -m evaluation --student "
                                 f"{runs[0][1].out} --captions captions_val2014.json --images val2014/ (docs/evaluation.md)")
         print("\n" + report.write())
         print(f"done: written to {base.out}; sample with: python sample.py --student {runs[0][1].out} --prompt \"...\"")
+        close()  # torchrun's process group, if any
     except (UsageError, WeightsError, CheckpointError) as e:
         sys.exit(f"swiftbrush: error: {e}")
     except TrainingDiverged as e:
+        close()  # every rank saw the NaN at the same step
         sys.exit(f"swiftbrush: training diverged: {e}. The last good checkpoint is untouched; try a lower --lr "
                  f"or --lora-lr and --resume")
-    except KeyboardInterrupt:
+    except Interrupted as e:
+        close()  # every rank finished the same step; the checkpoint is saved
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # before the loop
         sys.exit(130)
 
 

@@ -75,8 +75,18 @@ def _load_optimiser(opt, tensors, prefix, groups):
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
-def save_checkpoint(cfg, m, state):
-    """Everything an exact resume needs (student, EMA, LoRA, both Adam states, RNG, prompt order, step)."""
+def save_checkpoint(cfg, m, state, ema):
+    """Rank 0 writes the checkpoint (its students equal every rank's; the EMA is its own) and exports the student
+    beside it: unet/ and unet_ema/, `ema` being the EMA to export. Every rank waits for it."""
+    if state["world"].main:
+        write_checkpoint(cfg, m, state)
+        export_student(cfg, m, ema)
+    state["world"].barrier()
+
+
+def write_checkpoint(cfg, m, state):
+    """Everything an exact resume needs (student, EMA, LoRA, both Adam states, RNG, prompt order, step). Nothing in
+    it depends on the number of ranks, so it resumes on any number."""
     tensors = {f"student/{k}": v for k, v in _cpu(m.student.state_dict()).items()}
     tensors.update({f"ema/{k}": v for k, v in _cpu(state["ema"] or {}).items()})  # on the device where it fits
     tensors.update({f"lora/{k}": v for k, v in _cpu(lora_state_dict(m.teacher)).items()})
@@ -176,19 +186,33 @@ def truncate_log(path, step):
     write_text(path, "".join(keep))
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM, after the step was finished and the checkpoint saved: exit code 128 + the signal,
+    the shell's convention (130 for Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum
+
+
 @contextmanager
-def ctrl_c_finishes_the_step(out):
-    """Ctrl-C sets the yielded flag instead of raising: the loop finishes its step and saves a checkpoint, and
-    KeyboardInterrupt comes at the end of the block. Signals can only be caught in the main thread."""
-    pressed = []
+def ctrl_c_finishes_the_step(out, speak=True):
+    """Ctrl-C (SIGINT) or SIGTERM (torchrun forwards both to its ranks; SLURM and schedulers send SIGTERM before
+    they kill) appends the signal to the yielded list instead of stopping the process: the loop finishes its step
+    and saves a checkpoint, and Interrupted comes at the end of the block. Signals can only be caught in the main
+    thread. speak: this process tells the user (rank 0)."""
+    caught = []
     if threading.current_thread() is not threading.main_thread():
-        yield pressed
+        yield caught
         return
-    previous = signal.signal(signal.SIGINT, lambda *_: pressed.append(1))
+    catch = lambda signum, frame: caught.append(signum)
+    previous = {s: signal.signal(s, catch) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield pressed
+        yield caught
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if pressed:
-        print(f"interrupted: checkpoint saved in {out}; continue with --resume", file=sys.stderr)
-        raise KeyboardInterrupt
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if caught:
+        if speak:
+            print(f"interrupted: checkpoint saved in {out}; continue with --resume", file=sys.stderr)
+        raise Interrupted(max(caught))

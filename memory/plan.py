@@ -8,6 +8,7 @@ EMA's place (on the device when everything fits with it, so no GPU -> CPU copy o
 import json
 import os
 import resource
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -26,13 +27,20 @@ def nbytes(tensors):
 
 def memory_plan(cfg, m, state, device):
     """GB per part on the training device and on the CPU, the activations' estimate, and the two decisions
-    (checkpointing, the EMA's place). `state`: start_training's, its optimisers made, its EMA not yet."""
+    (checkpointing, the EMA's place). `state`: start_training's, its optimisers made, its EMA not yet.
+
+    Over N ranks (state["world"]) it is this rank's: a micro-batch of batch / N, the student's gradients in DDP's
+    buckets (gradient_as_bucket_view: the gradients are views of them, held from step to step), DDP rebuilding
+    its buckets once (at the second step, before the forward: a second copy for a moment), the EMA on rank 0."""
+    world = state["world"]
     student = list(m.student.parameters())
     lora = lora_parameters(m.teacher) if state["opt_lora"] is not None else []
     is_lora = {id(p) for p in lora}
     text_encoder = getattr(m.embeddings, "encoder", None)  # formats/prompts.py; a plain tensor of states has none
     if cfg.step_in_backward:  # each gradient is freed as soon as its parameter is stepped: at most the largest one
         grads = ("student grads (--step-in-backward: one parameter's at a time)", max(nbytes([p]) for p in student))
+    elif world.size > 1:
+        grads = ("student grads: DDP's buckets (held from step to step)", nbytes(student))
     else:
         grads = ("student grads (freed before the LoRA pass)", nbytes(student))
     on_device = {
@@ -44,27 +52,33 @@ def memory_plan(cfg, m, state, device):
         "student Adam m and v": 2 * nbytes(student),
         "text encoder (frozen; encodes each batch's prompts)": nbytes(text_encoder.parameters()) if text_encoder else 0,
     }
-    ema = nbytes(student) if cfg.ema_decay > 0 else 0
+    ema = nbytes(student) if cfg.ema_decay > 0 and world.main else 0
     states = sum(on_device.values())
     total = device_memory_gb(device)
-    activations = activation_gb(m, cfg, bf16=next(m.teacher.parameters()).dtype == torch.bfloat16)
+    micro_batch = replace(cfg, batch_size=cfg.batch_size // world.size)  # this rank's share
+    activations = activation_gb(m, micro_batch, bf16=next(m.teacher.parameters()).dtype == torch.bfloat16)
+    rebuild = nbytes(student) / GB if world.size > 1 else 0  # DDP's second set of buckets, before the activations
     if cfg.checkpointing == "auto":  # on only where the states and the activations without it do not fit
-        checkpointing = total is not None and states / GB + activations["off"] > HEADROOM * total
+        checkpointing = total is not None and states / GB + max(activations["off"], rebuild) > HEADROOM * total
     else:
         checkpointing = cfg.checkpointing == "on"
-    used = states / GB + activations["on" if checkpointing else "off"]  # without the EMA
+    used = states / GB + max(activations["on" if checkpointing else "off"], rebuild)  # without the EMA
     ema_on_device = total is not None and ema > 0 and used + ema / GB <= HEADROOM * total
     if ema_on_device:
         on_device["EMA of the student"] = ema
     on_cpu = {"EMA of the student": 0 if ema_on_device else ema,
               "prompt embeddings": nbytes([m.embeddings]) if torch.is_tensor(m.embeddings) else 0}  # a tensor: all P
-    return {"device": {k: round(v / GB, 2) for k, v in on_device.items()},
+    plan = {"device": {k: round(v / GB, 2) for k, v in on_device.items()},
             "cpu": {k: round(v / GB, 2) for k, v in on_cpu.items()},
             "device states in all": round(sum(on_device.values()) / GB, 2),
             "activations (estimate)": {k: float(f"{v:.3g}") for k, v in activations.items()},
             "device memory": None if total is None else round(total, 1),
             "fits": total is None or used <= HEADROOM * total,
             "checkpointing": checkpointing, "EMA on the device": ema_on_device}
+    if world.size > 1:
+        plan.update({"rank": world.rank, "ranks": world.size, "micro-batch per rank": micro_batch.batch_size,
+                     "DDP bucket rebuild (once, at step 2)": round(rebuild, 2)})
+    return plan
 
 
 def device_memory_gb(device):
@@ -151,6 +165,10 @@ def write_memory_plan(plan, out):
                  f"{acts['on']:.2f}){of_device}")
     lines.append(f"  gradient checkpointing {checkpointing}, the EMA on the "
                  f"{'device' if plan['EMA on the device'] else 'CPU'}")
+    if "ranks" in plan:
+        lines.append(f"  rank {plan['rank']} of {plan['ranks']}, micro-batch {plan['micro-batch per rank']} a rank; "
+                     f"DDP rebuilds its buckets once at step 2 (+{plan['DDP bucket rebuild (once, at step 2)']:.2f} GB "
+                     f"for a moment, before the activations); the other ranks hold no EMA")
     if not plan["fits"]:
         lines.append(f"  this does not fit the device ({HEADROOM:.0%} of {total:.1f} GB): lower --batch-size, "
                      f"raise --grad-accum")

@@ -3,13 +3,16 @@
     python -m tools.selfcheck                        # CUDA: SD 2.1-base's exact UNet and text encoder, random weights
     python -m tools.selfcheck --model FOLDER_OR_HUB_ID  # a real teacher instead (its own text encoder; 12 demo prompts)
     python -m tools.selfcheck --batch-size 4 --checkpointing on --peak-tflops 989
+    torchrun --standalone --nproc_per_node 8 -m tools.selfcheck   # data-parallel: 16 a GPU, per rank and in all
 
 Without CUDA it runs the same on a small SD-shaped model in seconds (so CI runs it). Prints seconds per iteration,
 images per second, the FLOPs of one iteration (counted by PyTorch's FlopCounterMode; they include the recomputed
 forwards when gradient checkpointing is on), the model FLOPs utilisation (those FLOPs per second over the device's
 peak dense bf16 FLOP/s, from the table below by device name, or --peak-tflops), the peak memory against the memory
-plan, and the hours the paper's 65 000 iterations at batch 16 would take at this speed. Random weights need no
-download: nothing here depends on their values but the losses.
+plan, and the hours the paper's 65 000 iterations at batch 16 would take at this speed. Under torchrun every rank
+runs it (the batch is the whole one, 16 a GPU by default, as swiftbrush.py's --batch-size) and rank 0 prints each
+rank's images per second and MFU, and the whole run's. Random weights need no download: nothing here depends on
+their values but the losses.
 """
 import argparse
 import copy
@@ -24,6 +27,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import swiftbrush as sb
+from harness.distributed import World, check_world, close, data_parallel, quiet_unless_main
 from harness.flags import AT_LEAST_1
 from memory.plan import peak_gb
 from formats.prompts import PromptEmbeddings
@@ -106,20 +110,27 @@ def run_iterations(m, cfg, state, device, iterations):
 
 def selfcheck(args):
     """Build, plan, run, and return the numbers printed (a dict)."""
-    device = sb.training_device(args.device)
+    world = World.from_env()  # under torchrun: every rank runs the iterations, rank 0 prints
+    quiet_unless_main(world)
+    device = sb.training_device(args.device, world)
     big = device.type == "cuda" and not args.small
-    batch = args.batch_size or (PAPER["batch"] if big else 2)
-    cfg = sb.Config(model=args.model or "random", batch_size=batch, precision=args.precision,
+    batch = args.batch_size or (PAPER["batch"] if big else 2) * world.size  # the whole batch: 16 a GPU on CUDA
+    cfg = sb.Config(model=args.model or "random", batch_size=batch, precision=args.precision, device=args.device,
                     checkpointing=args.checkpointing, step_in_backward=args.step_in_backward, save_every=0,
                     sample_every=0, diagnose_every=0, prompts="demo")  # the speed does not depend on them
-    m = sb.load_models(cfg, device) if args.model else random_models(cfg, device, big)
-    state = sb.start_training(cfg, m, device)
+    check_world(cfg, world)
+    world.start(device)
+    with world.local_first():
+        m = sb.load_models(cfg, device) if args.model else random_models(cfg, device, big)
+    state = sb.start_training(cfg, m, device, world)
     plan = state["plan"]
     what = args.model or ("SD 2.1-base's UNet and text encoder" if big else "a small SD-shaped UNet") + ", random weights"
     n_params = sum(p.numel() for p in m.student.parameters())
     precision = "bf16" if sb.uses_bf16(cfg.precision, device) else "fp32"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"selfcheck: {what} ({n_params / 1e6:.1f} M parameters), batch {batch}, latents {tuple(m.latent_shape)}, "
+    ranks = f" over {world.size} ranks ({batch // world.size} a rank)" if world.size > 1 else ""
+    print(f"selfcheck: {what} ({n_params / 1e6:.1f} M parameters), batch {batch}{ranks}, "
+          f"latents {tuple(m.latent_shape)}, "
           f"{precision}, checkpointing {'on' if plan['checkpointing'] else 'off'}, EMA on the "
           f"{'device' if plan['EMA on the device'] else 'CPU'}"
           + (", the student stepped inside its backward" if cfg.step_in_backward else "")
@@ -127,18 +138,31 @@ def selfcheck(args):
     if not plan["fits"]:
         print(f"  the plan says this does not fit the device's {plan['device memory']:.1f} GB: expect out of memory; "
               f"try a smaller --batch-size")
-    flops, seconds = run_iterations(m, cfg, state, device, args.iterations)
+    with data_parallel(state, world, device):
+        flops, seconds = run_iterations(m, cfg, state, device, args.iterations)
     s_iter = statistics.median(seconds)
     peak = peak_tflops(device, args.peak_tflops)
-    planned = plan["device states in all"] + plan["activations (estimate)"]["on" if plan["checkpointing"] else "off"]
+    per_rank = world.gather([s_iter, flops, peak_gb(device)])  # [[s/iter, FLOPs, peak GB]] of every rank
+    # a step ends when the slowest rank's does; the run's FLOPs are every rank's, over all the devices' peak
+    s_iter, flops = max(r[0] for r in per_rank), sum(r[1] for r in per_rank)
+    activations = plan["activations (estimate)"]["on" if plan["checkpointing"] else "off"]
+    planned = plan["device states in all"] + max(activations, plan.get("DDP bucket rebuild (once, at step 2)", 0))
     numbers = {"s_per_iter": s_iter, "images_per_s": batch / s_iter, "flops_per_iter": flops,
-               "mfu": flops / s_iter / (peak * 1e12) if peak else None, "peak_gb": peak_gb(device),
+               "mfu": flops / s_iter / (peak * 1e12 * world.size) if peak else None, "peak_gb": peak_gb(device),
                "planned_gb": planned, "paper_hours": PAPER["steps"] * s_iter * PAPER["batch"] / batch / 3600}
     print(f"  {args.iterations} iterations: {s_iter:.3f} s/iter (median of the last {len(seconds)}), "
-          f"{numbers['images_per_s']:.2f} images/s")
-    print(f"  FLOPs per iteration (FlopCounterMode{', recomputation included' if plan['checkpointing'] else ''}): "
-          f"{flops:.3g}; " + (f"MFU {100 * numbers['mfu']:.1f}% of {peak} TFLOP/s (bf16 dense)" if peak
-                              else "MFU: unknown peak FLOP/s for this device, pass --peak-tflops"))
+          f"{numbers['images_per_s']:.2f} images/s" + (f" in all, over {world.size} ranks" if world.size > 1 else ""))
+    if world.size > 1:
+        numbers["ranks"] = [{"s_per_iter": s, "images_per_s": batch / world.size / s, "flops_per_iter": f,
+                             "mfu": f / s / (peak * 1e12) if peak else None, "peak_gb": gb} for s, f, gb in per_rank]
+        for r, one in enumerate(numbers["ranks"]):
+            print(f"  rank {r}: {one['s_per_iter']:.3f} s/iter, {one['images_per_s']:.2f} images/s, "
+                  + (f"MFU {100 * one['mfu']:.1f}%, " if peak else "") + f"peak memory {one['peak_gb']:.2f} GB")
+    devices = f"{world.size} x " if world.size > 1 else ""
+    print(f"  FLOPs per iteration (FlopCounterMode{', recomputation included' if plan['checkpointing'] else ''}"
+          f"{', all ranks' if world.size > 1 else ''}): {flops:.3g}; "
+          + (f"MFU {100 * numbers['mfu']:.1f}% of {devices}{peak} TFLOP/s (bf16 dense)" if peak
+             else "MFU: unknown peak FLOP/s for this device, pass --peak-tflops"))
     print(f"  peak memory {numbers['peak_gb']:.2f} GB ({'CUDA max allocated' if device.type == 'cuda' else 'RSS'}); "
           f"the plan: {plan['device states in all']:.2f} GB of states + activations (estimate) = {planned:.2f} GB"
           + (f" of the device's {plan['device memory']:.1f} GB" if plan["device memory"] else ""))
@@ -150,7 +174,9 @@ def selfcheck(args):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a Stable Diffusion folder or hub id (default: random weights, no download)")
-    p.add_argument("--batch-size", type=AT_LEAST_1, help=f"default {PAPER['batch']} on CUDA (the paper's), 2 on the CPU")
+    p.add_argument("--batch-size", type=AT_LEAST_1,
+                   help=f"the whole batch, over every rank under torchrun (default {PAPER['batch']} a GPU on CUDA, the "
+                        f"paper's; 2 a rank on the CPU)")
     p.add_argument("--iterations", type=int, default=20, help="Algorithm 1 iterations (>= 3; default 20)")
     p.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on the CPU")
     p.add_argument("--checkpointing", choices=["auto", "on", "off"], default="auto")
@@ -167,7 +193,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     try:
-        return selfcheck(parse_args(argv))
+        numbers = selfcheck(parse_args(argv))
+        close()  # torchrun's process group, if any
+        return numbers
     except (sb.UsageError, sb.WeightsError) as e:
         sys.exit(f"selfcheck: error: {e}")
     except torch.cuda.OutOfMemoryError:
