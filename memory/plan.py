@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.atomic import write_json
+from harness.flags import uses_bf16
 from lora import lora_parameters
 from unet import UNet
 
@@ -47,7 +48,7 @@ def memory_plan(cfg, m, state, device):
     ema = nbytes(student) if cfg.ema_decay > 0 else 0
     states = sum(on_device.values())
     total = device_memory_gb(device)
-    activations = activation_gb(m, cfg, bf16=next(m.teacher.parameters()).dtype == torch.bfloat16)
+    activations = activation_gb(m, cfg, bf16=uses_bf16(cfg.precision, device))  # the trained passes' autocast
     if cfg.checkpointing == "auto":  # on only where the states and the activations without it do not fit
         checkpointing = total is not None and states / GB + activations["off"] > HEADROOM * total
     else:
