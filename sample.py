@@ -149,7 +149,7 @@ def load_generator(a):
         student, param, model, shape = None, None, resolve_model(a.model, a.prediction_type), None
     schedule = Schedule(scheduler_config(model))
     tokenizer, encoder = load_text(model)
-    encoder = encoder.to(device, dtype)  # as in training: bf16 on CUDA (formats/prompts.py), fp32 on the CPU
+    encoder = encoder.to(device)  # fp32 everywhere, as in training (the authors encode their prompts in fp32)
     vae = None
     if os.path.isdir(os.path.join(model, "vae")):
         vae = load_vae(os.path.join(model, "vae"), dtype).to(device)

@@ -16,7 +16,7 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -30,7 +30,7 @@ from harness.checkpoint import (CheckpointError, Interrupted, TrainingDiverged, 
                                 ctrl_c_finishes_the_step, load_checkpoint, read_log, save_checkpoint, truncate_log,
                                 write_run_info)
 from harness.distributed import ONE, World, accumulating, check_world, close, data_parallel, quiet_unless_main
-from harness.flags import UsageError
+from harness.flags import UsageError, uses_bf16
 from harness.images import save_grid
 from harness.report import EVAL_COLUMNS, LOSS_COLUMNS, Report, loss_numbers
 from lora import inject_lora, lora_disabled
@@ -80,6 +80,7 @@ class Config:
     diagnose_every: int = 500      # log the LoRA teacher's and the teacher's eps-MSE on the student's samples
     device: str = None             # default: cuda if available
     precision: str = None          # bf16: the GPU recipe (default on CUDA) | fp32 (default on the CPU)
+    teacher_precision: str = None  # eps_psi's and eps_phi's passes: fp32 (default) | tf32 | bf16: faster, less exact
     checkpointing: str = "auto"    # gradient checkpointing: auto (where the memory plan says it is needed) | on | off
     step_in_backward: bool = False # the student's Adam step inside its backward: its gradients never held whole
 
@@ -147,7 +148,7 @@ class Models:
 def f_theta(student, z, context, schedule, param="x0"):
     """The one-step generator. Eq. 7 (x0): f = (z - sigma_T eps_theta(z, T, y)) / alpha_T, with x_T = z."""
     T = torch.full((z.shape[0],), schedule.T - 1, device=z.device, dtype=torch.long)
-    eps_theta = schedule.eps(student(z, T, context).float(), z.float(), T)  # fp32 even under bf16 autocast
+    eps_theta = schedule.eps(student(z, T, context).to(z.dtype), z, T)  # in z's dtype (fp32) under bf16 autocast too
     if param == "eps":  # the ablation: the student's eps is the image (for an eps model, its raw output)
         return eps_theta
     alpha_T, sigma_T = schedule.at(T, z)
@@ -170,7 +171,7 @@ def eps_cfg(unet, x_t, t, context, uncond, scale, schedule):
         return schedule.eps(unet(x_t, t, context), x_t, t)
     x2, t2 = torch.cat([x_t, x_t]), torch.cat([t, t])
     out = schedule.eps(unet(x2, t2, torch.cat([uncond.expand(x_t.shape[0], -1, -1), context])), x2, t2)
-    eps_u, eps_c = out.float().chunk(2)
+    eps_u, eps_c = out.to(x_t.dtype).chunk(2)  # in x_t's dtype (fp32) under bf16 autocast too
     return eps_u + scale * (eps_c - eps_u)
 
 
@@ -183,7 +184,7 @@ def score_gradient(m, cfg, x0, context, gen, world=ONE):
     alpha_t, sigma_t = schedule.at(t, x0)
     x_t = alpha_t * x0 + sigma_t * eps  # Eq. 1
     uncond = m.uncond.to(x0.device)
-    with torch.no_grad():
+    with torch.no_grad(), score_precision(m.teacher, cfg.teacher_precision):  # fp32 by default: g is a small difference
         with lora_disabled(m.teacher):
             eps_psi = eps_cfg(m.teacher, x_t, t, context, uncond, cfg.guidance, schedule)
         if cfg.loss == "sds":
@@ -294,8 +295,7 @@ def load_models(cfg, device):
     teacher = load_unet(folder)
     vae = load_vae(os.path.join(folder, "vae")) if os.path.isdir(os.path.join(folder, "vae")) else None
     prompts = open_prompts(cfg.prompts)
-    text_dtype = torch.bfloat16 if uses_bf16(cfg.precision, device) else torch.float32  # frozen, as the teacher
-    embeddings = prompt_embeddings(folder, prompts, device, text_dtype)
+    embeddings = prompt_embeddings(folder, prompts, device)  # fp32, as the authors encode prompts
     return Models(teacher, copy.deepcopy(teacher), Schedule(scheduler_config(folder)), prompts, embeddings,
                   embeddings.uncond, latent_shape(teacher, vae, cfg.resolution), vae, folder)
 
@@ -303,8 +303,10 @@ def load_models(cfg, device):
 def start_training(cfg, m, device, world=ONE):
     """Freeze the teacher, give it the LoRA of eps_phi, make the optimisers, the memory plan (which decides
     checkpointing and the EMA's place), the EMA (on rank 0 only) and the loop's RNG: `state`."""
-    bf16 = uses_bf16(cfg.precision, device)  # the GPU recipe: bf16 teacher and autocast
-    m.teacher.requires_grad_(False).to(device, torch.bfloat16 if bf16 else torch.float32)
+    if cfg.teacher_precision == "bf16" and not uses_bf16(cfg.precision, device):
+        raise UsageError("--teacher-precision bf16 needs --precision bf16: the LoRA teacher trains through the bf16 "
+                         "teacher under bf16 autocast")
+    m.teacher.requires_grad_(False).to(device, teacher_dtype(cfg.teacher_precision))
     m.student.requires_grad_(True).to(device, torch.float32).train()  # fp32 master weights: lr 1e-6 vanishes in bf16
     opt_lora = None
     if cfg.loss == "vsd":  # SDS has no LoRA teacher
@@ -393,14 +395,35 @@ def training_device(name=None, world=ONE):
     return device
 
 
-def uses_bf16(precision, device):
-    """--precision, by default bf16 on CUDA and fp32 on the CPU (where bf16 runs too, to test the GPU recipe)."""
-    return (precision or ("bf16" if device.type == "cuda" else "fp32")) == "bf16"
-
-
 def autocast_for(device, precision=None):
     """bf16 autocast for the bf16 recipe, else plain fp32."""
     return torch.autocast(device.type, dtype=torch.bfloat16) if uses_bf16(precision, device) else nullcontext()
+
+
+def teacher_dtype(teacher_precision):
+    """--teacher-precision: the frozen teacher's weights, fp32 by default (docs/memory.md#precision), bf16 for speed."""
+    return torch.bfloat16 if teacher_precision == "bf16" else torch.float32
+
+
+@contextmanager
+def score_precision(teacher, teacher_precision):
+    """The no-grad passes eps_psi and eps_phi in the teacher's dtype: a bf16 teacher under bf16 autocast; an fp32 one
+    without autocast, in fp32 (TF32 off) or, with --teacher-precision tf32, on CUDA's TF32 tensor cores. VSD's g is
+    their difference, a few % of eps, and rounding in the UNet's body does not cancel between the two passes, so
+    fewer mantissa bits than fp32's make g's error a large share of g (docs/memory.md#precision)."""
+    weight = next(teacher.parameters())
+    kind = "cpu" if weight.device.type == "meta" else weight.device.type
+    if weight.dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast(kind, dtype=weight.dtype):
+            yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = teacher_precision == "tf32"
+    try:
+        with torch.autocast(kind, enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 @torch.no_grad()

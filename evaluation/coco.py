@@ -33,7 +33,7 @@ from harness.report import EVAL_COLUMNS, Report
 from sample import load_generator, model_flags
 from unet import WeightsError
 
-PROTOCOL_VERSION = 1  # bump when a change alters the numbers: cached reference statistics are then recomputed
+PROTOCOL_VERSION = 2  # bump when a change alters the numbers: cached reference statistics are then recomputed
 IMAGE_TYPES = (".jpg", ".jpeg", ".png")
 RESULT_KEYS = {"fid": "fid", "clip": "clip_score", "fd-dinov2": "fd_dinov2"}
 
@@ -197,7 +197,7 @@ def generation_protocol(a, g):
     given = a.student or a.model
     return {"model": model_name(a), "path": os.path.abspath(given) if os.path.exists(given) else given,
             "resolution": g.latent_shape[-1] * factor, "seed": a.seed, "noise": NOISE_RULE,
-            "precision": "student fp32; teacher, VAE and text encoder bf16 on CUDA, fp32 on the CPU",
+            "precision": "student and text encoder fp32; teacher and VAE bf16 on CUDA, fp32 on the CPU",
             "device": g.device.type, "batch size": a.batch_size}  # the images' last bits depend on both
 
 
@@ -223,15 +223,16 @@ def check_out_folder(out, protocol):
 def metric_protocol(a, networks, n_real):
     sources = {net.key: net.source for net in networks}
     out = {"images compared": f"each image centre-cropped to a square and Lanczos-resized to {EVAL_SIZE} px "
-                              f"(GigaGAN's rule) before Inception and DINOv2"}
+                              f"(GigaGAN's rule) before Inception, DINOv2 and CLIP"}
     if "fid" in sources:
-        out["fid"] = f"{sources['fid']} pool features (2048) after clean-fid's clean resize to 299 px"
+        out["fid"] = (f"{sources['fid']} pool features (2048) after clean-fid's clean resize to 299 px (PIL bicubic "
+                      f"in float32, clipped to [0, 255])")
     if "fd-dinov2" in sources:
         out["fd-dinov2"] = (f"{sources['fd-dinov2']} CLS token after the last layer norm, 224 px bicubic, ImageNet "
                             f"mean/std")
     if "clip" in sources:
         out["clip"] = (f"mean cosine of {sources['clip']} image and text embeddings (not x100), text "
-                       f"{CLIP_PREFIX!r} + caption, the full-size image through its PIL image processor")
+                       f"{CLIP_PREFIX!r} + caption, the {EVAL_SIZE} px image through its PIL image processor")
     if n_real:
         out["reference"] = f"{n_real} images of {os.path.abspath(a.images)}"
     return out

@@ -2,13 +2,16 @@
 
 - FID (Heusel et al. 2017): the Frechet distance of Inception-v3 pool features (2048), clean-fid's torchscript
   network `inception-2015-12-05.pt` (the TF-FID weights). Every image, generated or real, is centre-cropped to a
-  square and Lanczos-resized to 256 px (GigaGAN's rule), then resized to 299 px by clean-fid's "clean" resize.
+  square and Lanczos-resized to 256 px (GigaGAN's rule), then resized to 299 px by clean-fid's "clean" resize
+  (its own resizer when clean-fid is installed, as it is wherever FID is measured).
 - FD-DINOv2 (Stein et al. 2023, their dgm-eval): the same distance in DINOv2 ViT-L/14 features (1024: the CLS token
   after the last layer norm) of the same 256 px images resized to 224 px (bicubic), ImageNet mean and std.
 - CLIP score: the mean over images of cos(E_image(image), E_text("A photo depicts " + caption)) with OpenCLIP
   ViT-g/14 (laion2b_s12b_b42k): the plain cosine of the two embeddings, so SwiftBrush's 0.29 is on this scale (not
-  torchmetrics' 100 * max(cos, 0)). The model's PIL image processor (224 px, bicubic, centre crop) reads the image.
+  torchmetrics' 100 * max(cos, 0)). The model's PIL image processor (224 px, bicubic, centre crop) reads the same
+  256 px square, as SwiftBrush v2's, DMD2's and GigaGAN's evaluations give it to OpenCLIP.
 """
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -81,11 +84,29 @@ def square(image, size=EVAL_SIZE):
 
 
 def clean_resize(image, size=299):
-    """clean-fid's "clean" resize: each channel in float32 through PIL's bicubic, not rounded: [3, size, size] in
-    [0, 255], what its Inception network reads."""
+    """clean-fid's "clean" resize as its make_resizer("PIL", False, "bicubic", (size, size)) computes it: each channel
+    in float32 through PIL's bicubic, not rounded, clipped to [0, 255] (bicubic overshoots at sharp edges; clean-fid
+    clips since 0.1.21): [3, size, size], what its Inception network reads."""
     x = np.asarray(image, np.float32)
     channels = [Image.fromarray(x[:, :, c]).resize((size, size), Image.BICUBIC) for c in range(3)]
-    return np.stack([np.asarray(c) for c in channels])
+    return np.stack([np.asarray(c).clip(0, 255) for c in channels])
+
+
+@functools.cache
+def cleanfid_resizer():
+    """clean-fid's own "clean" resizer (HWC in, HWC float32 out), or None where clean-fid is not installed."""
+    try:
+        from cleanfid.resize import build_resizer
+    except ImportError:
+        return None
+    return build_resizer("clean")
+
+
+def inception_input(image):
+    """The 256 px square resized for Inception by clean-fid's own resizer, or by clean_resize (the same formula)
+    without clean-fid: [3, 299, 299] float32 in [0, 255]."""
+    resizer = cleanfid_resizer()
+    return clean_resize(image) if resizer is None else resizer(np.asarray(image)).transpose(2, 0, 1)
 
 
 def dinov2_input(image):
@@ -134,7 +155,8 @@ class DINOv2:
 
     def __init__(self, source, device):
         from transformers import Dinov2Model
-        self.model = load_pretrained(Dinov2Model, source, "--dinov2-model", use_safetensors=True).to(device).eval()
+        self.model = load_pretrained(Dinov2Model, source, "--dinov2-model", use_safetensors=True,
+                                     dtype=torch.float32).to(device).eval()
         self.device, self.source = device, source
 
     @torch.no_grad()
@@ -154,7 +176,8 @@ class CLIPScore:
             from transformers import CLIPImageProcessorPil as ImageProcessor  # transformers 5
         except ImportError:
             from transformers import CLIPImageProcessor as ImageProcessor  # transformers 4: the PIL one
-        self.model = load_pretrained(CLIPModel, source, "--clip-model", use_safetensors=True).to(device).eval()
+        self.model = load_pretrained(CLIPModel, source, "--clip-model", use_safetensors=True,
+                                     dtype=torch.float32).to(device).eval()  # fp32, as the peers' .float()
         self.tokenizer = load_pretrained(CLIPTokenizer, source, "--clip-model")
         self.image_processor = load_pretrained(ImageProcessor, source, "--clip-model")
         self.device, self.source = device, source
@@ -211,11 +234,11 @@ def prepare(path, networks):
     inputs = {}
     for net in networks:
         if net.input == "inception":
-            inputs[net.input] = clean_resize(small)
+            inputs[net.input] = inception_input(small)
         elif net.input == "dinov2":
             inputs[net.input] = dinov2_input(small)
         else:
-            inputs[net.input] = net.pixels(image)  # the full image, as SwiftBrush v2 gives it to OpenCLIP
+            inputs[net.input] = net.pixels(small)  # the 256 px square, as SwiftBrush v2, DMD2 and GigaGAN score it
     return inputs
 
 

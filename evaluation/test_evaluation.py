@@ -190,6 +190,46 @@ def test_clip_score_is_the_cosine_of_the_models_own_embeddings(feature_models):
     assert np.allclose(got, by_hand.numpy(), atol=1e-6) and np.all(np.abs(got) <= 1) and len(set(got)) == 3
 
 
+def sharp_edged_square():
+    """A 256 px uint8 square of black and white stripes and blocks: bicubic overshoots [0, 255] at every edge."""
+    x = np.zeros((256, 256, 3), np.uint8)
+    x[:, ::8] = x[:, 1::8] = 255
+    x[64:128, 64:192, 1] = 255
+    return Image.fromarray(x)
+
+
+def test_inceptions_resize_is_clean_fids_clipped_bicubic():
+    """clean-fid's "clean" resizer (clean-fid >= 0.1.21, where it is installed; the formula as it writes it, where not):
+    PIL bicubic per channel in float32 to 299 px, clipped to [0, 255]. Without the clip a sharp edge overshoots."""
+    image = sharp_edged_square()
+    x = np.asarray(image)
+    try:
+        from cleanfid.resize import build_resizer
+        theirs = build_resizer("clean")(x)
+    except ImportError:  # clean-fid's make_resizer("PIL", False, "bicubic", (299, 299)), written out
+        theirs = np.concatenate([np.asarray(Image.fromarray(x[:, :, c].astype(np.float32), mode="F").resize(
+            (299, 299), resample=Image.BICUBIC)).clip(0, 255).reshape(299, 299, 1) for c in range(3)], axis=2)
+    ours = metrics.inception_input(image)
+    assert ours.dtype == np.float32 and ours.shape == (3, 299, 299)
+    assert np.array_equal(ours, theirs.transpose(2, 0, 1)) and np.array_equal(metrics.clean_resize(image), ours)
+    unclipped = np.stack([np.asarray(Image.fromarray(x[:, :, c].astype(np.float32)).resize((299, 299), Image.BICUBIC))
+                          for c in range(3)])
+    outside = (unclipped < 0) | (unclipped > 255)
+    assert outside.mean() > 0.05 and np.abs(unclipped - ours).max() > 10  # what the clip removes
+    assert np.array_equal(unclipped[~outside], ours[~outside])
+
+
+def test_clip_reads_the_256_px_square_as_the_peers(feature_models, tmp_path):
+    """prepare() gives CLIP's processor the centre-cropped 256 px Lanczos square, the image FID and FD-DINOv2 see."""
+    score = metrics.CLIPScore(feature_models[0], torch.device("cpu"))
+    rng = np.random.default_rng(8)
+    image = Image.fromarray((rng.uniform(size=(40, 72, 3)) * 255).astype(np.uint8))
+    image.save(tmp_path / "wide.png")
+    got = metrics.prepare(str(tmp_path / "wide.png"), [score])["clip"]
+    assert np.array_equal(got, score.pixels(metrics.square(image)))
+    assert not np.allclose(got, score.pixels(image))  # the full-size image: another input
+
+
 def test_dinov2_features_are_the_cls_token_after_the_last_layer_norm(feature_models):
     from transformers import Dinov2Model
     net = metrics.DINOv2(feature_models[1], torch.device("cpu"))

@@ -242,5 +242,6 @@ def encode_prompts(tokenizer, encoder, prompts, batch_size=64):
     for i in range(0, len(prompts), batch_size):
         ids = tokenizer(prompts[i:i + batch_size], padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids
-        out.append(encoder(ids.to(device)).last_hidden_state.float())
+        with torch.autocast(device.type, enabled=False):  # in the encoder's dtype (fp32), also inside training's
+            out.append(encoder(ids.to(device)).last_hidden_state.float())
     return torch.cat(out)

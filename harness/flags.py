@@ -55,6 +55,11 @@ NUMBERS = {"steps": AT_LEAST_1, "batch_size": AT_LEAST_1, "grad_accum": AT_LEAST
            "save_every": NEVER_OR_EVERY, "sample_every": NEVER_OR_EVERY, "diagnose_every": NEVER_OR_EVERY}
 
 
+def uses_bf16(precision, device):
+    """--precision, by default bf16 on CUDA and fp32 on the CPU (where bf16 runs too, to test the GPU recipe)."""
+    return (precision or ("bf16" if device.type == "cuda" else "fp32")) == "bf16"
+
+
 def parse_args(argv, description, defaults):
     """`defaults`: swiftbrush.Config(), shown in the help."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -78,6 +83,10 @@ def parse_args(argv, description, defaults):
     p.add_argument("--device", type=training_device_flag, help="cuda, cuda:N, mps or cpu (default: cuda if available)")
     p.add_argument("--precision", choices=["bf16", "fp32"],
                    help="bf16: the GPU recipe, also on the CPU (default on CUDA) | fp32 (default on the CPU)")
+    p.add_argument("--teacher-precision", choices=["fp32", "tf32", "bf16"],
+                   help="the frozen teacher and its no-grad passes eps_psi, eps_phi, whose small difference is VSD's "
+                        "g: fp32 (default) | tf32 (CUDA's TF32; the CPU has none) | bf16 (with --precision bf16): "
+                        "faster, and g less exact (docs/memory.md)")
     p.add_argument("--checkpointing", choices=["auto", "on", "off"],
                    help="gradient checkpointing of both UNets: auto (default: on only where the memory plan "
                         "says the activations would not fit the device without it), on, off")

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import swiftbrush as sb
-from conftest import assert_same_ckpt, cli_error, read_ckpt, read_log
+from conftest import assert_same_ckpt, cli_error, read_ckpt, read_log, sd21_base_on_meta
 
 # Test support: swiftbrush under torchrun, several commands in a row (one process group: it is made once per
 # process), with hooks: rank 1's student turned NaN before a step, the whole job SIGKILLed or torchrun sent SIGTERM
@@ -300,21 +300,11 @@ def test_flags_that_cannot_run_on_the_ranks_get_one_line(sd_root, tmp_path, caps
 def test_memory_plan_per_rank_is_the_docs_table(sd_root, monkeypatch):
     """docs/memory.md's per-rank table, row for row: SD 2.1-base at the paper's 16 a GPU over 8 ranks (on the meta
     device), rank 0 with the EMA and rank 1 without."""
-    import copy
-    from types import SimpleNamespace
-    from transformers import CLIPTextConfig, CLIPTextModel
     from harness.distributed import World
     from memory import plan as memory
-    from parity.configs import SD2_TEXT, SD21_BASE
-    with torch.device("meta"):
-        teacher = sb.UNet(json.loads(json.dumps(SD21_BASE)))
-        text_encoder = CLIPTextModel(CLIPTextConfig(**SD2_TEXT)).to(torch.bfloat16)
-    m = SimpleNamespace(teacher=teacher, student=copy.deepcopy(teacher), prompts=["a cat"] * 12,
-                        embeddings=SimpleNamespace(encoder=text_encoder), uncond=torch.zeros(1, 77, 1024),
-                        latent_shape=(4, 64, 64))
     meta = torch.device("meta")
-    cfg = sb.Config(model=sd_root, precision="bf16", ema_decay=0)
-    state = sb.start_training(cfg, m, meta)
+    cfg = sb.Config(model=sd_root, precision="bf16", ema_decay=0, prompts="demo")
+    models = {precision: sd21_base_on_meta(replace(cfg, teacher_precision=precision)) for precision in ("fp32", "bf16")}
     estimates, estimate = {}, memory.activation_gb  # one count of the activations per micro-batch (seconds each)
     monkeypatch.setattr(memory, "activation_gb", lambda m, cfg, bf16: estimates.get(cfg.batch_size) or
                         estimates.setdefault(cfg.batch_size, estimate(m, cfg, bf16)))
@@ -322,14 +312,15 @@ def test_memory_plan_per_rank_is_the_docs_table(sd_root, monkeypatch):
     rows = doc[doc.index("| card GB | ranks | --batch-size |"):].split("\n\n")[0].splitlines()[2:]
     assert len(rows) >= 6 and {row.split("|")[-2].strip() for row in rows} == {"yes", "no"}
     for row in rows:
-        total, ranks, batch, accum, per_rank, checkpointing, *want = [c.strip() for c in row.strip("|").split("|")]
+        total, ranks, batch, accum, per_rank, teacher, checkpointing, *want = [c.strip() for c in row.strip("|").split("|")]
         assert int(batch) // int(ranks) * int(accum) == 16 and per_rank == f"{int(batch) // int(ranks)} x {accum}"
         monkeypatch.setattr(memory, "device_memory_gb", lambda device: float(total))
-        plans = []
+        (m, state), plans = models[teacher], []
         for rank in (0, 1):
             state["world"] = World(rank, int(ranks), rank, int(ranks))
             plans.append(memory.memory_plan(replace(cfg, ema_decay=0.999, batch_size=int(batch), grad_accum=int(accum),
-                                                    checkpointing=checkpointing), m, state, meta))
+                                                    checkpointing=checkpointing, teacher_precision=teacher), m, state,
+                                            meta))
         used = [p["device states in all"] + max(p["activations (estimate)"][checkpointing],
                                                 p["DDP bucket rebuild (once, at step 2)"]) for p in plans]
         got = ["device" if plans[0]["EMA on the device"] else "CPU", f"{used[0]:.1f}", f"{used[1]:.1f}",

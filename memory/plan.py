@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.atomic import write_json
+from harness.flags import uses_bf16
 from lora import lora_parameters
 from unet import UNet
 
@@ -56,7 +57,7 @@ def memory_plan(cfg, m, state, device):
     states = sum(on_device.values())
     total = device_memory_gb(device)
     micro_batch = replace(cfg, batch_size=cfg.batch_size // world.size)  # this rank's share
-    activations = activation_gb(m, micro_batch, bf16=next(m.teacher.parameters()).dtype == torch.bfloat16)
+    activations = activation_gb(m, micro_batch, bf16=uses_bf16(cfg.precision, device))  # the trained passes' autocast
     rebuild = nbytes(student) / GB if world.size > 1 else 0  # DDP's second set of buckets, before the activations
     if cfg.checkpointing == "auto":  # on only where the states and the activations without it do not fit
         checkpointing = total is not None and states / GB + max(activations["off"], rebuild) > HEADROOM * total

@@ -66,9 +66,8 @@ def random_models(cfg, device, big):
     with torch.device(device):  # built where it trains: SD 2.1-base's 866 M parameters initialise in a second
         teacher = UNet(json.loads(json.dumps(unet_config)))  # as read from config.json
         encoder = CLIPTextModel(CLIPTextConfig(**text_config))
-    text_dtype = torch.bfloat16 if sb.uses_bf16(cfg.precision, device) else torch.float32
     prompts = [f"a random prompt number {i}" for i in range(256)]
-    embeddings = PromptEmbeddings(RandomTokens(text_config["vocab_size"]), encoder.to(device, text_dtype), prompts)
+    embeddings = PromptEmbeddings(RandomTokens(text_config["vocab_size"]), encoder.to(device), prompts)  # fp32
     shape = (4, unet_config["sample_size"], unet_config["sample_size"])
     return sb.Models(teacher, copy.deepcopy(teacher), sb.Schedule(), prompts, embeddings, embeddings.uncond, shape)
 
@@ -116,8 +115,9 @@ def selfcheck(args):
     big = device.type == "cuda" and not args.small
     batch = args.batch_size or (PAPER["batch"] if big else 2) * world.size  # the whole batch: 16 a GPU on CUDA
     cfg = sb.Config(model=args.model or "random", batch_size=batch, precision=args.precision, device=args.device,
-                    checkpointing=args.checkpointing, step_in_backward=args.step_in_backward, save_every=0,
-                    sample_every=0, diagnose_every=0, prompts="demo")  # the speed does not depend on them
+                    teacher_precision=args.teacher_precision, checkpointing=args.checkpointing,
+                    step_in_backward=args.step_in_backward, save_every=0, sample_every=0, diagnose_every=0,
+                    prompts="demo")  # the speed does not depend on them
     check_world(cfg, world)
     world.start(device)
     with world.local_first():
@@ -130,8 +130,8 @@ def selfcheck(args):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     ranks = f" over {world.size} ranks ({batch // world.size} a rank)" if world.size > 1 else ""
     print(f"selfcheck: {what} ({n_params / 1e6:.1f} M parameters), batch {batch}{ranks}, "
-          f"latents {tuple(m.latent_shape)}, "
-          f"{precision}, checkpointing {'on' if plan['checkpointing'] else 'off'}, EMA on the "
+          f"latents {tuple(m.latent_shape)}, {precision}, the teacher's passes {args.teacher_precision or 'fp32'}, "
+          f"checkpointing {'on' if plan['checkpointing'] else 'off'}, EMA on the "
           f"{'device' if plan['EMA on the device'] else 'CPU'}"
           + (", the student stepped inside its backward" if cfg.step_in_backward else "")
           + f"; {name}, torch {torch.__version__}")
@@ -179,6 +179,7 @@ def parse_args(argv=None):
                         f"paper's; 2 a rank on the CPU)")
     p.add_argument("--iterations", type=int, default=20, help="Algorithm 1 iterations (>= 3; default 20)")
     p.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on the CPU")
+    p.add_argument("--teacher-precision", choices=["fp32", "tf32", "bf16"], help="as swiftbrush.py's (default fp32)")
     p.add_argument("--checkpointing", choices=["auto", "on", "off"], default="auto")
     p.add_argument("--step-in-backward", action="store_true",
                    help="as swiftbrush.py's: the student's step inside its backward, its gradients never held whole")
