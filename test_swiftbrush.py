@@ -400,7 +400,8 @@ def test_k_step_student_is_its_chain_by_hand(sd_root, sd_root_v, pred):
                 x = abar ** 0.5 * x0s[-1] + (1 - abar) ** 0.5 * renoise[j]
         for k in range(3):  # the x0 of step k + 1 after k re-noisings; with all K - 1 of them, the image
             assert rel_err(x0s[k], sb.k_step_x0(m.student, z, renoise[:k], ctx, m.schedule, 3)) < 1e-5
-        assert torch.equal(sb.k_step_x0(m.student, z, [], ctx, m.schedule, 1), sb.f_theta(m.student, z, ctx, m.schedule))
+        one_step = sb.f_theta(m.student, z, ctx, m.schedule)
+        assert torch.equal(sb.k_step_x0(m.student, z, [], ctx, m.schedule, 1), one_step)
 
 
 @pytest.mark.parametrize("K", [1, 4])

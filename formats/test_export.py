@@ -254,8 +254,10 @@ def test_a_student_started_from_a_v_model_keeps_its_prediction_type_everywhere(s
     from diffusers import StableDiffusionPipeline
     v = str(tmp_path / "v")
     shutil.copytree(sd1.root, v)  # the same network, declared v-prediction: as SD-Turbo may differ from its teacher
-    config = json.load(open(os.path.join(v, "scheduler", "scheduler_config.json")))
-    json.dump({**config, "prediction_type": "v_prediction"}, open(os.path.join(v, "scheduler", "scheduler_config.json"), "w"))
+    with open(os.path.join(v, "scheduler", "scheduler_config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(v, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump({**config, "prediction_type": "v_prediction"}, f)
     m = sb.load_models(sb.Config(model=sd1.root, student_init=v, resolution=16), CPU)
     assert (m.schedule.prediction_type, m.student_schedule.prediction_type) == ("epsilon", "v_prediction")
     run = tmp_path / "run"

@@ -26,12 +26,13 @@ AT_LEAST_1 = _checked(int, lambda v: v >= 1, ">= 1")
 NEVER_OR_EVERY = _checked(int, lambda v: v >= 0, ">= 0 (0: never)")
 POSITIVE = _checked(float, lambda v: 0 < v < math.inf, "positive")
 FINITE = _checked(float, math.isfinite, "finite")
-NUMBERS = {"steps": AT_LEAST_1, "student_steps": AT_LEAST_1, "batch_size": AT_LEAST_1, "grad_accum": AT_LEAST_1, "lora_rank": AT_LEAST_1,
+NUMBERS = {"steps": AT_LEAST_1, "batch_size": AT_LEAST_1, "grad_accum": AT_LEAST_1, "lora_rank": AT_LEAST_1,
            "lora_steps": AT_LEAST_1, "resolution": AT_LEAST_1, "seed": int, "lr": POSITIVE, "lora_lr": POSITIVE,
            "lora_alpha": POSITIVE,
            "guidance": FINITE, "lora_guidance": FINITE,
            "ema_decay": _checked(float, lambda v: 0 <= v < 1, "in [0, 1)"),
-           "save_every": NEVER_OR_EVERY, "sample_every": NEVER_OR_EVERY, "diagnose_every": NEVER_OR_EVERY}
+           "save_every": NEVER_OR_EVERY, "sample_every": NEVER_OR_EVERY, "diagnose_every": NEVER_OR_EVERY,
+           "student_steps": AT_LEAST_1}
 
 
 def parse_args(argv, description, defaults):
