@@ -207,11 +207,12 @@ def test_an_fp16_teacher_gives_fp16_single_files(sd1, tmp_path):
 def test_k_step_student_resumes_exactly_and_its_pipeline_samples_our_k_steps(sd1, tmp_path):
     from diffusers import StableDiffusionPipeline
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run(sd1.root, straight, 4, student_steps=2)
-    run(sd1.root, resumed, 2, student_steps=2)
-    run(sd1.root, resumed, 4, student_steps=2)
+    run(sd1.root, straight, 4, student_steps=2, diagnose_every=2, sample_every=2)  # the diagnostics in 2 steps
+    run(sd1.root, resumed, 2, student_steps=2, diagnose_every=2, sample_every=2)
+    run(sd1.root, resumed, 4, student_steps=2, diagnose_every=2, sample_every=2)
     assert_same_ckpt(straight / "checkpoint.safetensors", resumed / "checkpoint.safetensors")
-    assert read_log(straight) == read_log(resumed)
+    assert read_log(straight) == read_log(resumed) and "mse_phi_t500" in read_log(straight)[-1]
+    assert (straight / "samples" / "step_000004.png").exists()
     export = Path(export_one_step(str(straight)))
     ours = sample.generate(sample_args(straight))
     assert [label for _, label in ours] == ["a red circle (2 steps)", "a blue square (2 steps)"]
