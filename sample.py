@@ -138,9 +138,8 @@ def load_generator(a):
     stored = load_student(a) if a.student else None
     student, shape = (stored.unet, stored.latent_shape) if stored else (None, None)
     model = stored.model if stored else resolve_model(a.model, a.prediction_type)
-    schedule = student_schedule = Schedule(scheduler_config(model))
-    if stored and stored.prediction_type not in (None, schedule.prediction_type):
-        student_schedule = Schedule({**schedule.config, "prediction_type": stored.prediction_type})
+    schedule = Schedule(scheduler_config(model))
+    student_schedule = schedule.predicting(stored.prediction_type if stored else None)
     tokenizer, encoder = load_text(model)
     encoder = encoder.to(device, dtype)  # as in training: bf16 on CUDA (formats/prompts.py), fp32 on the CPU
     vae = None

@@ -113,6 +113,13 @@ class Schedule:
         self.abar = torch.cumprod(1 - betas, 0).float()
         self.alpha, self.sigma = self.abar.sqrt(), (1 - self.abar).sqrt()
 
+    def predicting(self, prediction_type):
+        """This noise schedule for a UNet that predicts `prediction_type` (None: this one's), as a student started
+        from another model (--student-init) may."""
+        if prediction_type in (None, self.prediction_type):
+            return self
+        return Schedule({**self.config, "prediction_type": prediction_type})
+
     def at(self, t, x):
         """alpha_t, sigma_t shaped to broadcast against x."""
         t = t.cpu()
@@ -359,11 +366,10 @@ def load_student_init(path, teacher, schedule):
     if difference:
         raise UsageError(f"--student-init {path}: not the teacher's UNet architecture ({difference}); the student "
                          f"must be the teacher's network (for SD 2.1-base: SD-Turbo or an SD 2.1-base student)")
-    prediction_type = stored.prediction_type or schedule.prediction_type
-    if prediction_type == schedule.prediction_type:
-        return stored.unet, schedule
-    print(f"student: {path} predicts {prediction_type}, the teacher {schedule.prediction_type}")
-    return stored.unet, Schedule({**schedule.config, "prediction_type": prediction_type})
+    student_schedule = schedule.predicting(stored.prediction_type)
+    if student_schedule is not schedule:
+        print(f"student: {path} predicts {student_schedule.prediction_type}, the teacher {schedule.prediction_type}")
+    return stored.unet, student_schedule
 
 
 def network_difference(a, b):
