@@ -1,6 +1,7 @@
-"""Sampling: the one-step student f_theta, and the multi-step teacher (DDIM + classifier-free guidance).
+"""Sampling: the one-step student f_theta (or a K-step student), and the multi-step teacher (DDIM + classifier-free
+guidance).
 
-    python sample.py --student runs/vsd --prompt "a cat" --n 4                     # one step
+    python sample.py --student runs/vsd --prompt "a cat" --n 4                     # one step (a K-step run: K)
     python sample.py --student runs/vsd --prompt "a cat" --teacher-steps 25        # + the teacher, side by side
     python sample.py --model SD_FOLDER_OR_HUB_ID --teacher-steps 25 --prompt "a cat" # the teacher alone
 
@@ -9,7 +10,6 @@ or a UNet alone (student-unet.safetensors, a unet/ folder) with --model, the tea
 --model: a folder, a hub id or a single file, as for swiftbrush.py.
 """
 import argparse
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -18,11 +18,10 @@ import numpy as np
 import torch
 
 from harness.images import save_grid
-from formats.models import (SINGLE_FILE, encode_prompts, latent_shape, load_text, resolve_model, run_teacher,
-                            scheduler_config)
-from harness.flags import UsageError
-from formats.single_file import is_full_checkpoint, read_single_file
-from swiftbrush import Schedule, autocast_for, eps_cfg, f_theta
+from formats.export import read_student
+from formats.models import encode_prompts, latent_shape, load_text, resolve_model, scheduler_config, trailing_timesteps
+from harness.flags import AT_LEAST_1, UsageError
+from swiftbrush import Schedule, autocast_for, chain_noises, eps_cfg, k_step_x0
 from unet import UNet, WeightsError, load_unet
 from vae import load_vae, to_images
 
@@ -34,7 +33,7 @@ def ddim_timesteps(schedule, steps):
     if spacing == "leading":
         ts = np.arange(steps)[::-1] * (T // steps) + c.get("steps_offset", 0)
     elif spacing == "trailing":
-        ts = np.round(np.arange(T, 0, -T / steps)) - 1
+        ts = np.array(trailing_timesteps(T, steps))
     elif spacing == "linspace":
         ts = np.linspace(0, T - 1, steps).round()[::-1]
     else:
@@ -62,32 +61,19 @@ def ddim_sample(unet, schedule, context, uncond, z, steps=25, guidance=4.5):
 
 
 def load_student(a):
-    """(student UNet, its param, the folder of the model that gives the VAE, text encoder and schedule, the run's
-    x_0 shape or None) for --student: a run or pipeline folder, a single file (full or UNet-only), a unet/ folder."""
-    path, model = a.student, resolve_model(a.model, a.prediction_type) if a.model else None
-    if os.path.exists(os.path.join(path, "swiftbrush.json")):  # a run: its EMA (or raw) UNet, its teacher
-        with open(os.path.join(path, "swiftbrush.json")) as f:
-            info = json.load(f)
-        sub = "unet_ema" if a.ema and os.path.isdir(os.path.join(path, "unet_ema")) else "unet"
-        return load_unet(os.path.join(path, sub)), info["param"], model or run_teacher(info), info["latent_shape"]
-    if a.teacher_steps and model is None:
-        raise UsageError(f"--teacher-steps with --student {path}: pass --model, the teacher to sample")
-    if os.path.exists(os.path.join(path, "model_index.json")):  # an exported pipeline: the student and its parts
-        return load_unet(path), "x0", model or path, None
-    if path.lower().endswith(SINGLE_FILE) and is_full_checkpoint(path):
-        folder = resolve_model(path, a.prediction_type)
-        return load_unet(folder), "x0", model or folder, None
-    if not path.lower().endswith(SINGLE_FILE) and not os.path.exists(os.path.join(path, "config.json")):
-        raise UsageError(f"--student {path}: not a swiftbrush.py run (no swiftbrush.json), an export of one, nor a "
-                         f"unet/ folder")
-    if model is None:
-        raise UsageError(f"--student {path} is a UNet alone: pass --model, the teacher it was distilled from")
-    if path.lower().endswith(SINGLE_FILE):
-        config, sd = read_single_file(path, full=False)["unet"]
-        student = UNet(config)
-        student.load_state_dict(sd, strict=True)
-        return student.eval(), "x0", model, None
-    return load_unet(path), "x0", model, None
+    """The StoredStudent of --student (formats/export.read_student: a run, any export of one, a Stable Diffusion
+    folder or a UNet alone), with the folder of the model that gives the VAE, text encoder and schedule."""
+    model = resolve_model(a.model, a.prediction_type) if a.model else None
+    is_run = os.path.exists(os.path.join(a.student, "swiftbrush.json"))
+    if a.teacher_steps and model is None and not is_run:
+        raise UsageError(f"--teacher-steps with --student {a.student}: pass --model, the teacher to sample")
+    try:
+        student = read_student(a.student, model, a.prediction_type, a.ema)
+    except UsageError as e:  # it names the path: this names the flag
+        raise UsageError(f"--student {e}") from None
+    if student.model is None:
+        raise UsageError(f"--student {a.student} is a UNet alone: pass --model, the teacher it was distilled from")
+    return student
 
 
 def model_flags(p):
@@ -99,6 +85,9 @@ def model_flags(p):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resolution", type=int, help="pixels (default: the run's; else the model's, e.g. 512 for SD 2.1-base)")
     p.add_argument("--teacher-steps", type=int, default=0, help="the teacher (--model) with N DDIM steps + CFG")
+    p.add_argument("--student-steps", type=AT_LEAST_1,
+                   help="sample the student in K steps (default: the K it was trained with, which a run and its "
+                        "exports record; 1 for a UNet alone)")
     p.add_argument("--guidance", type=float, default=4.5, help="the teacher's CFG scale")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the student's EMA weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -126,12 +115,15 @@ def main(argv=None):
 
 @dataclass
 class Generator:
-    """What images are sampled with: the student (one step) and/or the teacher (DDIM + CFG), the VAE, the text."""
+    """What images are sampled with: the student (one step or K) and/or the teacher (DDIM + CFG), the VAE, the
+    text."""
     student: UNet              # None: the teacher alone
     param: str                 # the student's output: x0 (Eq. 7) or eps
+    steps: int                 # the student's K (1: one step, Eq. 7)
+    student_schedule: Schedule # the teacher's, with the student's own prediction type
     teacher: UNet              # None unless --teacher-steps
     vae: object                # None: pixel space (the miniature)
-    schedule: Schedule
+    schedule: Schedule         # the teacher's
     tokenizer: object
     encoder: object            # the text encoder, on the device
     uncond: torch.Tensor       # text states of "" (CFG's unconditional branch)
@@ -143,11 +135,11 @@ def load_generator(a):
     """The models of --student and/or --model with --teacher-steps, on --device."""
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if a.student:
-        student, param, model, shape = load_student(a)
-    else:
-        student, param, model, shape = None, None, resolve_model(a.model, a.prediction_type), None
+    stored = load_student(a) if a.student else None
+    student, shape = (stored.unet, stored.latent_shape) if stored else (None, None)
+    model = stored.model if stored else resolve_model(a.model, a.prediction_type)
     schedule = Schedule(scheduler_config(model))
+    student_schedule = schedule.predicting(stored.prediction_type if stored else None)
     tokenizer, encoder = load_text(model)
     encoder = encoder.to(device)  # fp32 everywhere, as in training (the authors encode their prompts in fp32)
     vae = None
@@ -156,16 +148,19 @@ def load_generator(a):
     teacher = load_unet(model, dtype).to(device) if a.teacher_steps else None
     c = shape if shape and not a.resolution else latent_shape(teacher if student is None else student, vae, a.resolution)
     student = student.to(device) if student is not None else None
-    return Generator(student, param, teacher, vae, schedule, tokenizer, encoder,
-                     encode_prompts(tokenizer, encoder, [""]), c, device)
+    steps = a.student_steps or (stored.steps if stored else 1)
+    return Generator(student, stored.param if stored else None, steps, student_schedule, teacher, vae, schedule,
+                     tokenizer, encoder, encode_prompts(tokenizer, encoder, [""]), c, device)
 
 
 @torch.no_grad()
-def sample_images(g, z, context, teacher_steps=0, guidance=4.5):
-    """Images in [-1, 1] on the CPU from x_T = z: the student's one step, or the teacher's DDIM + CFG."""
+def sample_images(g, z, context, teacher_steps=0, guidance=4.5, renoise=()):
+    """Images in [-1, 1] on the CPU from x_T = z: the student's one step (or its K, re-noised with the K - 1 noises
+    `renoise`), or the teacher's DDIM + CFG."""
     z, context = z.to(g.device), context.to(g.device)
     if not teacher_steps:  # fp32, no autocast: Eq. 7 multiplies the error of its eps by sigma_T / alpha_T
-        return to_images(g.vae, f_theta(g.student, z, context, g.schedule, g.param))
+        renoise = [eps.to(g.device) for eps in renoise]
+        return to_images(g.vae, k_step_x0(g.student, z, renoise, context, g.student_schedule, g.steps, g.param))
     with autocast_for(g.device):  # 25 steps: bf16 on CUDA
         x0 = ddim_sample(g.teacher, g.schedule, context, g.uncond.to(g.device), z, teacher_steps, guidance)
     return to_images(g.vae, x0)
@@ -175,11 +170,11 @@ def generate(a):
     g = load_generator(a)
     context = encode_prompts(g.tokenizer, g.encoder, a.prompt)
     out = []
-    for i, prompt in enumerate(a.prompt):
-        z = torch.randn((a.n, *g.latent_shape), generator=torch.Generator().manual_seed(a.seed + i))
+    for i, prompt in enumerate(a.prompt):  # z, then a K-step student's noises: as diffusers' pipeline draws them
+        z, renoise = chain_noises((a.n, *g.latent_shape), g.steps, torch.Generator().manual_seed(a.seed + i))
         ctx = context[i:i + 1].expand(a.n, -1, -1)
         if g.student is not None:
-            out.append((sample_images(g, z, ctx), f"{prompt} (1 step)"))
+            out.append((sample_images(g, z, ctx, renoise=renoise), f"{prompt} ({g.steps} step{'s' * (g.steps > 1)})"))
         if g.teacher is not None:
             images = sample_images(g, z, ctx, a.teacher_steps, a.guidance)
             out.append((images, f"{prompt} (teacher, {a.teacher_steps} steps)"))

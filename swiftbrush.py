@@ -9,6 +9,8 @@ x0 = f_theta(z, y), Eq. 7), `score_gradient` (steps 2-3: Eq. 5 for VSD, Eq. 2 fo
     python swiftbrush.py --loss sds       # the paper's SDS ablation
     python swiftbrush.py --ablation       # VSD + x0, SDS + x0, VSD + eps, all else equal: one table
     python swiftbrush.py --prompts prompts.txt --steps 20000   # your prompts, a shorter run than the paper's 65 000
+    python swiftbrush.py --student-steps 4      # beyond the paper: a 4-step student (DMD2's backward simulation)
+    python swiftbrush.py --student-init runs/sds   # beyond the paper: the student starts from another model
 """
 import copy
 import json
@@ -22,8 +24,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn.functional as F
 
-from formats.export import export_one_step
-from formats.models import latent_shape, pick_model, resolve_model, scheduler_config
+from formats.export import export_one_step, read_student
+from formats.models import latent_shape, pick_model, resolve_model, scheduler_config, trailing_timesteps
 from formats.prompts import PAPER_PROMPTS, open_prompts, pick_prompts, prompt_embeddings
 from harness import flags
 from harness.checkpoint import (CheckpointError, Interrupted, TrainingDiverged, check_finite, check_out_folder,
@@ -83,6 +85,9 @@ class Config:
     teacher_precision: str = None  # eps_psi's and eps_phi's passes: fp32 (default) | tf32 | bf16: faster, less exact
     checkpointing: str = "auto"    # gradient checkpointing: auto (where the memory plan says it is needed) | on | off
     step_in_backward: bool = False # the student's Adam step inside its backward: its gradients never held whole
+    # Beyond the paper (docs/training.md#beyond-the-paper-k-step-students-and-other-starts)
+    student_steps: int = 1         # K: a K-step student trained by backward simulation (DMD2); 1: the paper's
+    student_init: str = None       # the student's start: a run, an export, a folder, a single file; None: the teacher
 
 
 # ==================================================================================================
@@ -110,6 +115,13 @@ class Schedule:
         self.config = c
         self.abar = torch.cumprod(1 - betas, 0).float()
         self.alpha, self.sigma = self.abar.sqrt(), (1 - self.abar).sqrt()
+
+    def predicting(self, prediction_type):
+        """This noise schedule for a UNet that predicts `prediction_type` (None: this one's), as a student started
+        from another model (--student-init) may."""
+        if prediction_type in (None, self.prediction_type):
+            return self
+        return Schedule({**self.config, "prediction_type": prediction_type})
 
     def at(self, t, x):
         """alpha_t, sigma_t shaped to broadcast against x."""
@@ -143,11 +155,18 @@ class Models:
     latent_shape: tuple        # (C, H, W) of x_0
     vae: object = None         # None: pixel space (the miniature)
     folder: str = None         # the Stable Diffusion folder the teacher was read from
+    student_schedule: Schedule = None  # f_theta's: the teacher's, with the student's own prediction type (None: the
+                                       # teacher's schedule); eps_psi, eps_phi and Eq. 6 always use `schedule`
+
+    def __post_init__(self):
+        if self.student_schedule is None:
+            self.student_schedule = self.schedule
 
 
-def f_theta(student, z, context, schedule, param="x0"):
-    """The one-step generator. Eq. 7 (x0): f = (z - sigma_T eps_theta(z, T, y)) / alpha_T, with x_T = z."""
-    T = torch.full((z.shape[0],), schedule.T - 1, device=z.device, dtype=torch.long)
+def f_theta(student, z, context, schedule, param="x0", t=None):
+    """The one-step generator. Eq. 7 (x0): f = (z - sigma_T eps_theta(z, T, y)) / alpha_T, with x_T = z.
+    t: the same written at another timestep, x0 = (x_t - sigma_t eps_theta(x_t, t, y)) / alpha_t (a K-step student)."""
+    T = torch.full((z.shape[0],), schedule.T - 1 if t is None else t, device=z.device, dtype=torch.long)
     eps_theta = schedule.eps(student(z, T, context).to(z.dtype), z, T)  # in z's dtype (fp32) under bf16 autocast too
     if param == "eps":  # the ablation: the student's eps is the image (for an eps model, its raw output)
         return eps_theta
@@ -158,11 +177,18 @@ def f_theta(student, z, context, schedule, param="x0"):
 def render(m, cfg, state):
     """Step 1 of Algorithm 1: x0 = f_theta(z, y) for the next batch of prompts y and fresh noises z ~ N(0, I);
     returns (x0 in fp32, y's text states). Over N ranks (harness/distributed.py) each draws the whole batch and
-    keeps its share, and the student's forward goes through DDP."""
+    keeps its share, and the student's grad-enabled forward goes through DDP. Beyond the paper, a K-step student
+    renders the x0 of its step k + 1, k drawn uniformly: DMD2's backward simulation. The student's random numbers are
+    all drawn here, in this order: the prompts, z, k, the chain's noises."""
     device, world, B = next(m.student.parameters()).device, state["world"], cfg.batch_size  # B: over every rank
     context = m.embeddings[world.share(next_prompts(state, B))].to(device)
     z = world.share(torch.randn((B, *m.latent_shape), generator=state["gen"])).to(device)
-    return f_theta(state["student_ddp"], z, context, m.schedule, cfg.param).float(), context
+    x_t, t = z, None  # the one-step student's input: x_T = z
+    if cfg.student_steps > 1:  # one k for the whole batch; eps'_1..k: the re-noising of the chain's first k steps
+        k = int(torch.randint(cfg.student_steps, (1,), generator=state["gen"]))
+        renoise = [world.share(torch.randn((B, *m.latent_shape), generator=state["gen"])).to(device) for _ in range(k)]
+        x_t, t = backward_simulation(m.student, z, renoise, context, m.student_schedule, cfg.student_steps)
+    return f_theta(state["student_ddp"], x_t, context, m.student_schedule, cfg.param, t).float(), context
 
 
 def eps_cfg(unet, x_t, t, context, uncond, scale, schedule):
@@ -284,6 +310,38 @@ def next_prompts(state, n):
 
 
 # ==================================================================================================
+# Beyond the paper: the K-step student (--student-steps K), the few-step generation the paper leaves to future work
+
+
+def backward_simulation(student, z, renoise, context, schedule, K):
+    """The K-step student's own chain, without gradient, to its step k + 1, k = len(renoise) (DMD2's backward
+    simulation; LCM's multistep sampling): at t_1 = T - 1 > ... > t_K of diffusers' trailing spacing (K = 4: 999,
+    749, 499, 249), from x_{t_1} = z, each step takes the student's x0 = f_theta(x_{t_j}, t_j) and re-noises it,
+    x_{t_(j+1)} = alpha x0 + sigma eps'_j with eps'_j = renoise[j] (Eq. 1). Returns (x_{t_(k+1)}, t_(k+1))."""
+    ts = trailing_timesteps(schedule.T, K)
+    x_t = z
+    with torch.no_grad():
+        for t, t_next, eps in zip(ts, ts[1:], renoise):
+            x0 = f_theta(student, x_t, context, schedule, t=t)
+            alpha, sigma = schedule.at(torch.tensor([t_next]), x0)
+            x_t = alpha * x0 + sigma * eps  # Eq. 1 at the next timestep, with fresh noise
+    return x_t, ts[len(renoise)]
+
+
+def k_step_x0(student, z, renoise, context, schedule, K, param="x0"):
+    """The K-step student's x0 at its step k + 1, k = len(renoise), with the caller's gradient: with its K - 1
+    noises, the K-step image; with K = 1, f_theta(z), Eq. 7."""
+    x_t, t = backward_simulation(student, z, renoise, context, schedule, K)
+    return f_theta(student, x_t, context, schedule, param, t=t)
+
+
+def chain_noises(shape, K, gen):
+    """What a K-step image is drawn from: z, then the K - 1 noises eps' of its re-noising, in the order diffusers'
+    pipeline draws them from its generator (the latents first, then one per step)."""
+    return torch.randn(shape, generator=gen), [torch.randn(shape, generator=gen) for _ in range(K - 1)]
+
+
+# ==================================================================================================
 # Setup: the models, the optimisers, the EMA
 
 
@@ -296,8 +354,53 @@ def load_models(cfg, device):
     vae = load_vae(os.path.join(folder, "vae")) if os.path.isdir(os.path.join(folder, "vae")) else None
     prompts = open_prompts(cfg.prompts)
     embeddings = prompt_embeddings(folder, prompts, device)  # fp32, as the authors encode prompts
-    return Models(teacher, copy.deepcopy(teacher), Schedule(scheduler_config(folder)), prompts, embeddings,
-                  embeddings.uncond, latent_shape(teacher, vae, cfg.resolution), vae, folder)
+    schedule = Schedule(scheduler_config(folder))
+    if cfg.student_steps > schedule.T or (cfg.student_steps > 1 and cfg.param == "eps"):
+        raise UsageError(f"--student-steps {cfg.student_steps}: at most the teacher's {schedule.T} timesteps, and "
+                         f"not with --param eps (each step re-noises the student's x0, Eq. 7)")
+    student, student_schedule = copy.deepcopy(teacher), schedule
+    if cfg.student_init:
+        student, student_schedule = load_student_init(cfg.student_init, teacher, schedule)
+    return Models(teacher, student, schedule, prompts, embeddings, embeddings.uncond,
+                  latent_shape(teacher, vae, cfg.resolution), vae, folder, student_schedule)
+
+
+def load_student_init(path, teacher, schedule):
+    """--student-init: the student's first weights, from a run (its EMA), an export, a folder or a single file
+    (formats/export.read_student, which sample.py reads them with), in the teacher's architecture. Returns (student,
+    its schedule): the teacher's noise schedule with the student's own prediction type, which a UNet alone does not
+    say (then the teacher's is assumed)."""
+    try:
+        stored = read_student(path)
+    except UsageError as e:  # it names the path: this names the flag
+        raise UsageError(f"--student-init {e}") from None
+    difference = network_difference(stored.unet, teacher)
+    if difference:
+        raise UsageError(f"--student-init {path}: not the teacher's UNet architecture ({difference}); the student "
+                         f"must be the teacher's network (for SD 2.1-base: SD-Turbo or an SD 2.1-base student)")
+    student_schedule = schedule.predicting(stored.prediction_type)
+    if student_schedule is not schedule:
+        print(f"student: {path} predicts {student_schedule.prediction_type}, the teacher {schedule.prediction_type}")
+    return stored.unet, student_schedule
+
+
+def network_difference(a, b):
+    """The first way two UNets differ as networks (a weight's name or shape, a module's attention heads or norm
+    groups, the time embedding), or None; their configs' bookkeeping (versions, default resolution) aside."""
+    def layout(unet):
+        weights = [(f"weight {k}", tuple(v.shape)) for k, v in unet.state_dict().items()]
+        modules = [(f"module {name or 'UNet'}", (getattr(mod, "heads", None), getattr(mod, "num_groups", None)))
+                   for name, mod in unet.named_modules()]
+        return weights + modules + [("time embedding", (unet.flip_sin_to_cos, unet.freq_shift))]
+    ours, theirs = layout(a), layout(b)
+    for (name, x), (their_name, y) in zip(ours, theirs):
+        if name != their_name:
+            return f"{name} where the teacher has {their_name}"
+        if x != y:
+            return f"{name} is {x}, the teacher's {y}"
+    if len(ours) != len(theirs):
+        return f"{len(ours)} weights and modules, the teacher {len(theirs)}"
+    return None
 
 
 def start_training(cfg, m, device, world=ONE):
@@ -428,14 +531,18 @@ def score_precision(teacher, teacher_precision):
 
 @torch.no_grad()
 def student_samples(m, cfg, n_prompts=4, n_seeds=2):
-    """One-step images of the first prompts for fixed seeds: a row [n_prompts, 3, H, W] per seed."""
+    """The student's images (one step, or its K) of the first prompts for fixed seeds: a row [n_prompts, 3, H, W]
+    per seed."""
     device = next(m.student.parameters()).device
     context = m.embeddings[:n_prompts].to(device)
     rows = []
     for seed in range(n_seeds):
-        z = torch.randn((len(context), *m.latent_shape), generator=torch.Generator().manual_seed(seed)).to(device)
+        gen = torch.Generator().manual_seed(seed)
+        z, renoise = chain_noises((len(context), *m.latent_shape), cfg.student_steps, gen)
         with autocast_for(device, cfg.precision):
-            rows.append(to_images(m.vae, f_theta(m.student, z, context, m.schedule, cfg.param)))
+            x0 = k_step_x0(m.student, z.to(device), [eps.to(device) for eps in renoise], context, m.student_schedule,
+                           cfg.student_steps, cfg.param)
+            rows.append(to_images(m.vae, x0))
     return rows
 
 
@@ -449,7 +556,9 @@ def score_errors(m, cfg, world=ONE, ts=(100, 300, 500, 700, 900)):
     split = world if n % world.size == 0 else ONE
     context = m.embeddings[split.share(torch.arange(n))].to(device)
     z, eps = (split.share(x).to(device) for x in torch.randn((2, n, *m.latent_shape), generator=gen))
-    x0 = f_theta(m.student, z, context, m.schedule, cfg.param).float()
+    renoise = [split.share(torch.randn((n, *m.latent_shape), generator=gen)).to(device)  # a K-step student's
+               for _ in range(cfg.student_steps - 1)]
+    x0 = k_step_x0(m.student, z, renoise, context, m.student_schedule, cfg.student_steps, cfg.param).float()
     errors = {}
     for step in ts:
         t = torch.full((len(x0),), step, device=device)
@@ -489,8 +598,8 @@ def train(cfg, models=None, progress=True):
         write_memory_plan(state["plan"], cfg.out)
 
     autocast = autocast_for(device, cfg.precision)
-    with (tqdm(total=cfg.steps, initial=state["step"], disable=not progress or not world.main,
-               desc=f"{cfg.loss}-{cfg.param}", dynamic_ncols=True) as bar,
+    with (tqdm(total=cfg.steps, initial=state["step"], disable=not progress or not world.main, desc=run_label(cfg),
+               dynamic_ncols=True) as bar,
           open(log_path if world.main else os.devnull, "a") as log,  # rank 0 writes the log
           ctrl_c_finishes_the_step(cfg.out, speak=world.main) as caught,  # and Ctrl-C, SIGTERM
           data_parallel(state, world, device)):  # over N ranks, DDP's wrappers, released at the end
@@ -525,9 +634,28 @@ def save_run(cfg, m, state):
 # Command line
 
 
-ABLATION = [("SwiftBrush: VSD, x0 student", dict(loss="vsd", param="x0")),
-            ("SDS, x0 student", dict(loss="sds", param="x0")),
-            ("VSD, eps student", dict(loss="vsd", param="eps"))]
+# --ablation (paper): the paper's three students. --ablation beyond: the few steps the paper leaves to future work,
+# and SwiftBrush v2's start from another one-step model, here the SDS student (trained first: the list is in order)
+ABLATIONS = {"paper": [dict(loss="vsd", param="x0"), dict(loss="sds", param="x0"), dict(loss="vsd", param="eps")],
+             "beyond": [dict(loss="vsd", param="x0"), dict(loss="vsd", param="x0", student_steps=2),
+                        dict(loss="vsd", param="x0", student_steps=4), dict(loss="sds", param="x0"),
+                        dict(loss="vsd", param="x0", student_init="sds-x0")]}
+
+
+def run_label(cfg):
+    """A run's short name, its folder in an ablation and its curves' label: vsd-x0, sds-x0, vsd-x0-k4, ..."""
+    label = f"{cfg.loss}-{cfg.param}" + (f"-k{cfg.student_steps}" if cfg.student_steps > 1 else "")
+    return label + (f"-from-{os.path.basename(os.path.normpath(cfg.student_init))}" if cfg.student_init else "")
+
+
+def run_name(cfg):
+    """A student's row in the table: "SwiftBrush: VSD, x0 student" for the paper's, else what it is."""
+    name = f"{cfg.loss.upper()}, {cfg.param} student"
+    if cfg.student_steps > 1:
+        name += f", {cfg.student_steps} steps"
+    if cfg.student_init:
+        name += f", started from {os.path.basename(os.path.normpath(cfg.student_init))}"
+    return "SwiftBrush: " + name if name == "VSD, x0 student" else name
 
 
 def miniature_package(model):
@@ -560,7 +688,7 @@ def parse_args(argv=None):
 
 
 def runs_from_args(args):
-    """(base Config, [(name, Config)] of each student to train): one student, or the three of --ablation."""
+    """(base Config, [(name, Config)] of each student to train): one student, or those of --ablation, in order."""
     given = {f.name: getattr(args, f.name) for f in fields(Config) if hasattr(args, f.name)}
     model = pick_model(given.pop("model", None), PAPER_TEACHER)
     mini = miniature_package(model)
@@ -571,9 +699,13 @@ def runs_from_args(args):
                   f"shorter run)")
     base = Config(**{**(mini.miniature_defaults(model, given) if mini else {}), **given, "model": model})
     if not args.ablation:
-        name = f"{base.loss.upper()}, {base.param} student"
-        return base, [("SwiftBrush: " + name if (base.loss, base.param) == ("vsd", "x0") else name, base)]
-    runs = [(name, replace(base, **o, out=os.path.join(base.out, f"{o['loss']}-{o['param']}"))) for name, o in ABLATION]
+        return base, [(run_name(base), base)]
+    runs = []
+    for o in ABLATIONS[args.ablation]:
+        if "student_init" in o:  # a student of this ablation, trained before this one
+            o = {**o, "student_init": os.path.join(base.out, o["student_init"])}
+        cfg = replace(base, **o)
+        runs.append((run_name(cfg), replace(cfg, out=os.path.join(base.out, run_label(cfg)))))
     return base, runs
 
 
@@ -607,7 +739,7 @@ def main(argv=None):
             samples = torch.cat(student_samples(m, cfg))
             del m, state  # one student in memory at a time (the evaluation loads it again from cfg.out)
             numbers = {**loss_numbers(cfg), **(coco(cfg) if coco else {})}
-            report.add(name, numbers, samples, curves=(f"{cfg.loss}-{cfg.param}", read_log(cfg.out)))
+            report.add(name, numbers, samples, curves=(run_label(cfg), read_log(cfg.out)))
         if not world.main:
             return close()
         if not mini and not coco:

@@ -418,6 +418,63 @@ def test_ddim_matches_diffusers_scheduler(sd_root, sd_root_v, pred):
 
 
 # --------------------------------------------------------------------------------------------------
+# Beyond the paper: K-step students (--student-steps, backward simulation) and --student-init
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
+def test_k_step_student_is_its_chain_by_hand(sd_root, sd_root_v, pred):
+    root = sd_root if pred == "epsilon" else sd_root_v
+    m = sb.load_models(sb.Config(model=root, prompts="demo"), CPU)
+    assert models.trailing_timesteps(1000, 4) == [999, 749, 499, 249]  # DMD2's and LCM's for K = 4
+    assert models.trailing_timesteps(1000, 3) == [999, 666, 332] and models.trailing_timesteps(1000, 1) == [999]
+    z, ctx = inputs(seed=5)
+    renoise = list(torch.randn((2, *z.shape), generator=torch.Generator().manual_seed(6)))
+    x, ts, x0s = z, [999, 666, 332], []
+    with torch.no_grad():
+        for j, t in enumerate(ts):  # x0 of Eq. 7 written at t_j, then Eq. 1 at t_(j+1) with fresh noise
+            a, s = _abar_by_hand(root, t) ** 0.5, (1 - _abar_by_hand(root, t)) ** 0.5
+            out = m.student(x, torch.tensor([t, t]), ctx)
+            x0s.append((x - s * out) / a if pred == "epsilon" else a * x - s * out)
+            if j < 2:
+                abar = _abar_by_hand(root, ts[j + 1])
+                x = abar ** 0.5 * x0s[-1] + (1 - abar) ** 0.5 * renoise[j]
+        for k in range(3):  # the x0 of step k + 1 after k re-noisings; with all K - 1 of them, the image
+            assert rel_err(x0s[k], sb.k_step_x0(m.student, z, renoise[:k], ctx, m.schedule, 3)) < 1e-5
+        one_step = sb.f_theta(m.student, z, ctx, m.schedule)
+        assert torch.equal(sb.k_step_x0(m.student, z, [], ctx, m.schedule, 1), one_step)
+
+
+@pytest.mark.parametrize("K", [1, 4])
+def test_render_draws_one_k_a_batch_and_runs_the_chain_without_gradient(sd_root, K):
+    """K = 1 renders the paper's f_theta(z) and draws only the prompts and z (the bits of a run before
+    --student-steps); K = 4 draws k, runs k steps of its own chain without gradient and the step k + 1 with it."""
+    cfg = sb.Config(model=sd_root, student_steps=K, **BASE)
+    m = sb.load_models(cfg, CPU)
+    state = sb.start_training(cfg, m, CPU)
+    calls = []
+    m.student.register_forward_hook(lambda module, args, out: calls.append((int(args[1][0]), torch.is_grad_enabled())))
+    ts, ks = models.trailing_timesteps(1000, K), []
+    for _ in range(10):
+        replay = {**state, "gen": torch.Generator().set_state(state["gen"].get_state()), "order": state["order"]}
+        calls.clear()
+        x0, ctx = sb.render(m, cfg, state)
+        k, seen = len(calls) - 1, list(calls)  # the UNet calls of render: its chain's k steps, then step k + 1
+        assert seen == [(t, False) for t in ts[:k]] + [(ts[k], True)]
+        ks.append(k)
+        idx = sb.next_prompts(replay, cfg.batch_size)
+        z = torch.randn((cfg.batch_size, *m.latent_shape), generator=replay["gen"])
+        if K == 1:
+            want = sb.f_theta(m.student, z, m.embeddings[idx], m.schedule, cfg.param)
+        else:
+            assert int(torch.randint(K, (1,), generator=replay["gen"])) == k
+            renoise = [torch.randn(z.shape, generator=replay["gen"]) for _ in range(k)]
+            want = sb.k_step_x0(m.student, z, renoise, m.embeddings[idx], m.schedule, K)
+        assert torch.equal(state["gen"].get_state(), replay["gen"].get_state()) and torch.equal(ctx, m.embeddings[idx])
+        assert torch.equal(x0, want) and x0.requires_grad
+    assert set(ks) == ({0} if K == 1 else {0, 1, 2, 3})  # every step of the chain is trained
+
+
+# --------------------------------------------------------------------------------------------------
 # Text
 
 
@@ -648,13 +705,13 @@ def test_bf16_resume_is_exact_and_exports_fp32(sd_root, tmp_path):
 def test_sampling_runs_the_student_in_fp32_outside_autocast(straight6, tmp_path, monkeypatch):
     """sample.py's one step: fp32 weights and no autocast (Eq. 7 multiplies the eps's error by 14.6), while the
     teacher's DDIM steps run under autocast (faked here on the CPU as sample.py sets it on CUDA)."""
-    seen, real = [], sample.f_theta
+    seen, real = [], sample.k_step_x0
 
     def spy(student, *args, **kwargs):
         seen.append((torch.is_autocast_enabled("cpu"), {p.dtype for p in student.parameters()}))
         return real(student, *args, **kwargs)
 
-    monkeypatch.setattr(sample, "f_theta", spy)
+    monkeypatch.setattr(sample, "k_step_x0", spy)
     monkeypatch.setattr(sample, "autocast_for", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
     sample.main(["--student", straight6[0], "--teacher-steps", "2", "--prompt", "a cat", "--out", str(tmp_path / "s.png")])
     assert seen == [(False, {torch.float32})]

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from evaluation.frechet import frechet_distance
-from evaluation.generate import NOISE_RULE, generate_images
+from evaluation.generate import generate_images, noise_rule
 from evaluation.metrics import (CLEANFID_MISSING, CLIP_MODEL, CLIP_PREFIX, DINOV2_MODEL, EVAL_SIZE, INCEPTION_FILE,
                                 METRICS, load_metrics, measure, parse_metrics)
 from evaluation.prompts import COCO_RULE, coco_captions, text_prompts
@@ -45,7 +45,8 @@ def evaluate(a):
     reference = reference_stats(a.images, real, [net for net in networks if net.key != "clip"], a.batch_size)
 
     g = load_generator(a)
-    protocol = {**generation_protocol(a, g), "prompts": prompt_protocol}
+    steps = g.steps  # 1 for a teacher
+    protocol = {**generation_protocol(a, g, steps), "prompts": prompt_protocol}
     check_out_folder(a.out, protocol)
     paths = generate_images(g, prompts, a, os.path.join(a.out, "images"))
     del g
@@ -60,7 +61,7 @@ def evaluate(a):
         else:
             numbers[RESULT_KEYS[net.key]] = frechet_distance(*stats[net.key].mean_cov(), *reference[net.key])
     protocol["metrics"] = metric_protocol(a, networks, len(real))
-    return write_results(a.out, model_name(a), numbers, protocol)
+    return write_results(a.out, model_name(a, steps), numbers, protocol)
 
 
 def student_evaluator(args, base):
@@ -182,21 +183,21 @@ def _save_npz(path, **arrays):
 # The protocol beside the numbers, and the output folder it guards
 
 
-def model_name(a):
+def model_name(a, steps=1):
     if a.student:
         weights = ""
         if os.path.exists(os.path.join(a.student, "swiftbrush.json")):  # a run holds both; an export is one of them
             weights = ", EMA" if a.ema else ", raw"
-        return f"student {a.student} (1 step{weights})"
+        return f"student {a.student} ({steps} step{'s' * (steps > 1)}{weights})"
     return f"teacher {a.model} (DDIM {a.teacher_steps} steps, CFG {a.guidance:g})"
 
 
-def generation_protocol(a, g):
+def generation_protocol(a, g, steps):
     """What the images depend on; a folder of images made under another protocol is refused."""
     factor = 2 ** (len(g.vae.config["block_out_channels"]) - 1) if g.vae is not None else 1
     given = a.student or a.model
-    return {"model": model_name(a), "path": os.path.abspath(given) if os.path.exists(given) else given,
-            "resolution": g.latent_shape[-1] * factor, "seed": a.seed, "noise": NOISE_RULE,
+    return {"model": model_name(a, steps), "path": os.path.abspath(given) if os.path.exists(given) else given,
+            "resolution": g.latent_shape[-1] * factor, "seed": a.seed, "noise": noise_rule(steps),
             "precision": "student and text encoder fp32; teacher and VAE bf16 on CUDA, fp32 on the CPU",
             "device": g.device.type, "batch size": a.batch_size}  # the images' last bits depend on both
 

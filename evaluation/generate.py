@@ -1,8 +1,9 @@
 """The images of an evaluation: OUT/images/00000.png, ... one per prompt, generated in batches and skipped when present,
 so that a stopped run continues where it stopped and ends with the images an unstopped run writes.
 
-- The noise of image i is its own: x_T = randn(latent shape) from a CPU generator seeded with (seed << 32) + i, so
-  it does not depend on which images were already there.
+- The noise of image i is its own: x_T = randn(latent shape) from a CPU generator seeded with (seed << 32) + i (and
+  then, for a K-step student, the K - 1 noises of its re-noising, in step order), so it does not depend on which
+  images were already there.
 - Batch k is always the prompts [kB, (k+1)B): generated whole when any of its images is missing (then only the
   missing ones are written), so every image comes from the same batch as in a straight run: the same bits on the
   same machine and --batch-size.
@@ -21,18 +22,28 @@ from harness.atomic import atomic
 from harness.flags import UsageError
 from harness.images import to_uint8
 from sample import sample_images
+from swiftbrush import chain_noises
 
 NOISE_RULE = "x_T of image i: torch.randn(latent shape) on the CPU, generator seeded with (seed << 32) + i"
+
+
+def noise_rule(steps):
+    """The protocol's words for the noises of a `steps`-step student's images (or of a teacher's: steps 1)."""
+    if steps == 1:
+        return NOISE_RULE
+    return NOISE_RULE + f", then the {steps - 1} noises of the student's re-noising, each the same shape, in step order"
 
 
 def image_path(folder, i):
     return os.path.join(folder, f"{i:05d}.png")
 
 
-def noise(seed, indices, shape):
-    """x_T of each image index: its own generator, so a resumed run draws what a straight run draws."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed((seed << 32) + i))
-                        for i in indices])
+def noise(seed, indices, shape, steps=1):
+    """x_T of each image index, and the batch's K - 1 re-noising noises of a K-step student (K = steps): each
+    image's own generator, so a resumed run draws what a straight run draws."""
+    drawn = [chain_noises(shape, steps, torch.Generator().manual_seed((seed << 32) + i)) for i in indices]
+    z = torch.stack([z for z, _ in drawn])
+    return z, [torch.stack([renoise[j] for _, renoise in drawn]) for j in range(steps - 1)]
 
 
 def write_png(pixels, path):
@@ -65,8 +76,8 @@ def generate_images(g, prompts, a, folder):
         pending = []  # the writes of the last batches: at most two batches of images wait in memory
         for batch in batches:
             context = encode_prompts(g.tokenizer, g.encoder, [prompts[i][1] for i in batch])
-            images = to_uint8(sample_images(g, noise(a.seed, batch, g.latent_shape), context, a.teacher_steps,
-                                            a.guidance))
+            z, renoise = noise(a.seed, batch, g.latent_shape, g.steps)
+            images = to_uint8(sample_images(g, z, context, a.teacher_steps, a.guidance, renoise))
             pending.append([writer.submit(write_png, pixels, paths[i]) for i, pixels in zip(batch, images)
                             if i in missing])
             if len(pending) > 2:

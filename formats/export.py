@@ -1,8 +1,8 @@
-"""The one-step student in the forms other tools load, from a swiftbrush.py run folder:
+"""The one-step (or K-step) student in the forms other tools load, from a swiftbrush.py run folder:
 
 - `pipeline/`: a diffusers StableDiffusionPipeline folder (the student's UNet with the teacher's VAE, text encoder
   and tokenizer) whose scheduler makes one step exactly Eq. 7: `pipe(prompt, num_inference_steps=1,
-  guidance_scale=0)`;
+  guidance_scale=0)`; for a K-step student its K steps: `num_inference_steps=K`;
 - `student.safetensors`: an original single file (UNet, VAE, text encoder) that A1111, ComfyUI and Forge load as a
   checkpoint, complete in the original layout (the schedule buffers; SD 1's position_ids; SD 2's OpenCLIP block 23,
   text_projection and logit_scale); `student-unet.safetensors`: the UNet alone, in the same layout. Both in the
@@ -12,22 +12,27 @@ Written into RUN/export (the student's EMA) at the end of training, and by this 
 
     python -m formats.export runs/swiftbrush            # the EMA student (the one sample.py uses)
     python -m formats.export runs/swiftbrush --raw      # the student as trained, into RUN/export-raw
+
+`read_student` reads every one of these forms back, and a run, for sample.py, the evaluation and --student-init.
 """
 import argparse
 import json
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from formats.models import load_text, run_teacher, scheduler_config
-from formats.single_file import EXTRA_FILE, original_only_tensors, write_single_file
+from formats.models import (HUB_ID, SINGLE_FILE, hub_snapshot, load_text, resolve_model, run_teacher,
+                            scheduler_config, trailing_timesteps)
+from formats.single_file import (EXTRA_FILE, file_metadata, is_full_checkpoint, original_only_tensors, read_single_file,
+                                 write_single_file)
 from harness.atomic import atomic
 from harness.flags import UsageError
-from unet import WEIGHT_FILES, WeightsError
+from unet import WEIGHT_FILES, UNet, WeightsError, load_unet
 from vae import load_vae
 
 # One DDIM step with this is Eq. 7: "trailing" puts it at t = 999 (the default "leading" with steps_offset 1 would
@@ -39,6 +44,14 @@ PIPELINE = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.3
             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
             "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
             "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False}
+# A K-step student's K steps are an LCMScheduler's: x0 from the UNet's output at t_k, then alpha x0 + sigma eps' at
+# t_(k+1) with eps' from the pipeline's generator, and the last x0 as the image. original_inference_steps = K: then
+# num_inference_steps=K gives trailing's timesteps wherever K divides T (any other K: pass timesteps=[...]); a
+# timestep_scaling of 1e4 makes its boundary condition c_skip x_t + c_out x0 the x0 itself (c_skip < 3e-9 at t >= 1).
+# steps_offset, which LCMScheduler does not use, is 1 only to spare the pipeline's warning about SD's old configs.
+K_STEPS = {"_class_name": "LCMScheduler", "clip_sample": False, "thresholding": False, "set_alpha_to_one": True,
+           "timestep_scaling": 1e4, "steps_offset": 1}
+BETAS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")  # the teacher's noise schedule
 
 
 def export_one_step(run, raw=False):
@@ -58,21 +71,26 @@ def export_one_step(run, raw=False):
     if not os.path.isdir(os.path.join(teacher, "vae")):
         print("export: the teacher has no VAE (the miniature works in pixels): only unet/ and unet_ema/ are written")
         return None
+    steps, schedule = info.get("student_steps", 1), scheduler_config(teacher)
+    prediction_type = info.get("student_prediction_type") or schedule.get("prediction_type", "epsilon")
+    said = {"prediction_type": prediction_type}  # not in the tensors
+    if steps > 1:
+        timesteps = trailing_timesteps(schedule.get("num_train_timesteps", 1000), steps)
+        said |= {"student_steps": str(steps), "student_timesteps": json.dumps(timesteps)}
     out = os.path.join(run, "export-raw" if raw else "export")
     with atomic(out) as tmp:  # whole or not at all
-        write_pipeline(unet_dir, teacher, os.path.join(tmp, "pipeline"))
+        write_pipeline(unet_dir, teacher, os.path.join(tmp, "pipeline"), pipeline_scheduler(schedule, steps,
+                                                                                              prediction_type))
         unet = load_file(os.path.join(unet_dir, "diffusion_pytorch_model.safetensors"))
         vae = load_vae(os.path.join(teacher, "vae")).state_dict()
         text = load_text(teacher)[1]
         family = "sd1" if text.config.hidden_act == "quick_gelu" else "sd2"  # SD 2's OpenCLIP uses gelu
-        scheduler = scheduler_config(teacher)
-        said = {"prediction_type": scheduler.get("prediction_type", "epsilon")}  # not in the tensors
         dtype = stored_dtype(teacher)  # an fp16 teacher gives an fp16 file: half the disk, as the tools expect
         unet, vae, text = cast(unet, dtype), cast(vae, dtype), cast(text.state_dict(), dtype)
         # Complete in the original layout: the teacher file's own extra tensors where it was a single file, the
         # neutral ones (original_only_tensors) where it lacks them
         own = os.path.join(teacher, EXTRA_FILE)
-        extra = original_only_tensors(family, text, scheduler) | (load_file(own) if os.path.exists(own) else {})
+        extra = original_only_tensors(family, text, schedule) | (load_file(own) if os.path.exists(own) else {})
         write_single_file(os.path.join(tmp, "student.safetensors"), unet, vae, text, family, extra, said)
         write_single_file(os.path.join(tmp, "student-unet.safetensors"), unet, family=family, metadata=said)
     return out
@@ -92,9 +110,21 @@ def cast(state_dict, dtype):
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
 
 
-def write_pipeline(unet_dir, teacher, folder):
+def pipeline_scheduler(teacher, steps, prediction_type):
+    """The exported pipeline's scheduler config: the teacher's (`teacher`) as one DDIM step that is Eq. 7, or for a
+    K-step student an LCMScheduler on the teacher's noise schedule; the student's own prediction type."""
+    if steps == 1:
+        config = teacher | ONE_STEP
+    else:
+        config = {k: teacher[k] for k in BETAS if k in teacher} | K_STEPS | {"original_inference_steps": steps}
+    if config.get("prediction_type", "epsilon") != prediction_type:
+        config["prediction_type"] = prediction_type
+    return config
+
+
+def write_pipeline(unet_dir, teacher, folder, scheduler):
     """A diffusers pipeline folder: the student's unet/, the teacher's other parts (hard links where the file system
-    allows: no second copy on disk), the one-step scheduler."""
+    allows: no second copy on disk), the scheduler's config `scheduler`."""
     for part, src in (("unet", unet_dir), ("vae", os.path.join(teacher, "vae")),
                       ("text_encoder", os.path.join(teacher, "text_encoder")),
                       ("tokenizer", os.path.join(teacher, "tokenizer"))):
@@ -109,11 +139,66 @@ def write_pipeline(unet_dir, teacher, folder):
                 os.link(source, target)
             except OSError:
                 shutil.copy2(source, target)
-    scheduler = scheduler_config(teacher)
     os.makedirs(os.path.join(folder, "scheduler"))
-    for name, obj in (("scheduler/scheduler_config.json", scheduler | ONE_STEP), ("model_index.json", PIPELINE)):
+    pipeline = PIPELINE | {"scheduler": ["diffusers", scheduler["_class_name"]]}
+    for name, obj in (("scheduler/scheduler_config.json", scheduler), ("model_index.json", pipeline)):
         with open(os.path.join(folder, name), "w") as f:
             json.dump(obj, f, indent=2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Every form of a student, read back
+
+
+@dataclass
+class StoredStudent:
+    """A student as read from a run or any of its forms."""
+    unet: UNet
+    param: str = "x0"            # its output: x0 (Eq. 7) or eps (--param eps)
+    steps: int = 1               # K of a K-step student; 1: one step
+    prediction_type: str = None  # its own; None where a UNet alone does not say (then its teacher's)
+    model: str = None            # the folder of the VAE, text encoder and schedule it samples with; None: not known
+    latent_shape: tuple = None   # a run's x_0 shape
+
+
+def read_student(path, model=None, prediction_type=None, ema=True):
+    """A run folder (its EMA UNet unless not ema), an exported pipeline or any Stable Diffusion folder (a hub id
+    too), a single file (full or UNet-only) or a unet/ folder, as a StoredStudent. `model`: the teacher's folder
+    where it is known, `prediction_type`: a single file's where its metadata does not say."""
+    if not os.path.exists(path) and HUB_ID.match(path):
+        path = hub_snapshot(path)
+    if os.path.exists(os.path.join(path, "swiftbrush.json")):  # a run: its EMA (or raw) UNet, its teacher
+        with open(os.path.join(path, "swiftbrush.json")) as f:
+            info = json.load(f)
+        sub = "unet_ema" if ema and os.path.isdir(os.path.join(path, "unet_ema")) else "unet"
+        return StoredStudent(load_unet(os.path.join(path, sub)), info["param"], info.get("student_steps", 1),
+                             info.get("student_prediction_type"), model or run_teacher(info), info["latent_shape"])
+    if any(os.path.exists(os.path.join(path, name)) for name in ("model_index.json", "unet/config.json")):
+        # an exported pipeline, or any Stable Diffusion folder
+        return StoredStudent(load_unet(path), **scheduler_says(scheduler_config(path)), model=model or path)
+    if path.lower().endswith(SINGLE_FILE):
+        said = file_metadata(path)  # our exports record K and the prediction type
+        steps = int(said.get("student_steps", 1))
+        if is_full_checkpoint(path):
+            folder = resolve_model(path, prediction_type)
+            return StoredStudent(load_unet(folder), steps=steps, model=model or folder,
+                                 prediction_type=scheduler_config(folder).get("prediction_type", "epsilon"))
+        config, sd = read_single_file(path, full=False)["unet"]
+        unet = UNet(config)
+        unet.load_state_dict(sd, strict=True)
+        return StoredStudent(unet.eval(), steps=steps, prediction_type=said.get("prediction_type", prediction_type),
+                             model=model)
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise UsageError(f"{path}: not a swiftbrush.py run (no swiftbrush.json), an export of one, a Stable "
+                         f"Diffusion folder nor a unet/ folder")
+    return StoredStudent(load_unet(path), model=model)
+
+
+def scheduler_says(config):
+    """What a pipeline's scheduler config says of its student: K (ours: an LCMScheduler's original_inference_steps)
+    and the prediction type."""
+    steps = config.get("original_inference_steps", 1) if config.get("_class_name") == "LCMScheduler" else 1
+    return {"steps": steps, "prediction_type": config.get("prediction_type", "epsilon")}
 
 
 def main(argv=None):

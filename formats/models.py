@@ -12,6 +12,7 @@ import re
 import shutil
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from harness.atomic import atomic
@@ -201,6 +202,12 @@ def scheduler_config(folder):
             return json.load(f)
     except (ValueError, UnicodeDecodeError) as e:
         raise WeightsError(f"{path} is not valid JSON ({e}); re-copy it from the model repository") from None
+
+
+def trailing_timesteps(T, steps):
+    """`steps` of the T timesteps spaced as diffusers' "trailing" spacing, from T - 1 down (4 of 1000: 999, 749, 499,
+    249): a K-step student's, and a DDIM teacher's whose scheduler config asks for trailing spacing."""
+    return [int(t) for t in np.round(np.arange(T, 0, -T / steps)) - 1]
 
 
 def load_text(folder):

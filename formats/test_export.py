@@ -4,6 +4,7 @@ oracle; the hub is a temporary cache (conftest: offline)."""
 import json
 import os
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -11,7 +12,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sample
-from conftest import cli, cli_error, rel_err
+import swiftbrush as sb
+from conftest import CPU, assert_same_ckpt, cli, cli_error, read_log, rel_err, run
+from formats.export import export_one_step
 from formats.models import CLIP_TOKENIZER, load_text, resolve_model
 from formats.single_file import LDM_SCHEDULE, file_metadata, read_single_file, write_single_file
 from parity.tiny_sd import make_tiny_sd
@@ -78,8 +81,8 @@ def test_single_file_model_trains_and_exports(sd1):
 
 def sample_args(student, model=None):
     return SimpleNamespace(student=str(student), model=model, prediction_type=None, n=2, seed=0, teacher_steps=0,
-                           prompt=["a red circle", "a blue square"], guidance=4.5, ema=True, device="cpu",
-                           resolution=16)
+                           student_steps=None, prompt=["a red circle", "a blue square"], guidance=4.5, ema=True,
+                           device="cpu", resolution=16)
 
 
 def test_exported_pipeline_is_our_one_step_generator_in_diffusers(sd1):
@@ -204,3 +207,82 @@ def test_an_fp16_teacher_gives_fp16_single_files(sd1, tmp_path):
     assert {written[k].dtype for k in LDM_SCHEDULE} == {torch.float32}  # as ldm holds them: A1111 samples with them
     assert {v.dtype for v in load_file(export / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").values()} \
         == {torch.float32}  # the pipeline keeps the trained fp32 weights: sample.py's image to 1e-4
+
+
+# --------------------------------------------------------------------------------------------------
+# Beyond the paper: a K-step student's exports, and --student-init from every form of a student
+
+
+def test_k_step_student_resumes_exactly_and_its_pipeline_samples_our_k_steps(sd1, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(sd1.root, straight, 4, student_steps=2, diagnose_every=2, sample_every=2)  # the diagnostics in 2 steps
+    run(sd1.root, resumed, 2, student_steps=2, diagnose_every=2, sample_every=2)
+    run(sd1.root, resumed, 4, student_steps=2, diagnose_every=2, sample_every=2)
+    assert_same_ckpt(straight / "checkpoint.safetensors", resumed / "checkpoint.safetensors")
+    assert read_log(straight) == read_log(resumed) and "mse_phi_t500" in read_log(straight)[-1]
+    assert (straight / "samples" / "step_000004.png").exists()
+    export = Path(export_one_step(str(straight)))
+    ours = sample.generate(sample_args(straight))
+    assert [label for _, label in ours] == ["a red circle (2 steps)", "a blue square (2 steps)"]
+    pipe = StableDiffusionPipeline.from_pretrained(str(export / "pipeline"), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.scheduler).__name__ == "LCMScheduler"
+    for i, prompt in enumerate(["a red circle", "a blue square"]):  # z, then eps': drawn by the pipeline itself
+        theirs = pipe(prompt, num_inference_steps=2, guidance_scale=0, generator=torch.Generator().manual_seed(i),
+                      num_images_per_prompt=2, height=16, width=16, output_type="pt").images
+        assert pipe.scheduler.timesteps.tolist() == [999, 499]
+        assert rel_err(ours[i][0], theirs * 2 - 1) < 1e-4
+    said = file_metadata(export / "student.safetensors")
+    assert said["student_steps"] == "2" and json.loads(said["student_timesteps"]) == [999, 499]
+    for form in (export / "pipeline", export / "student.safetensors"):  # each says its K
+        theirs = sample.generate(sample_args(form))
+        assert all(rel_err(a, b) < 1e-6 for (a, _), (b, _) in zip(ours, theirs)), form
+    one_step = sample.generate(SimpleNamespace(**{**vars(sample_args(straight)), "student_steps": 1}))
+    assert rel_err(ours[0][0], one_step[0][0]) > 1e-3 and one_step[0][1] == "a red circle (1 step)"
+
+
+def test_student_init_from_a_run_an_export_and_a_single_file_trains(sd1, tmp_path, capsys):
+    ema = load_file(sd1.run / "unet_ema" / "diffusion_pytorch_model.safetensors")
+    export = sd1.run / "export"
+    for i, init in enumerate((sd1.run, export / "pipeline", export / "student.safetensors",
+                              export / "student-unet.safetensors")):
+        m = sb.load_models(sb.Config(model=sd1.root, student_init=str(init), resolution=16, prompts="demo"), CPU)
+        assert all(torch.equal(v, ema[k]) for k, v in m.student.state_dict().items()), init  # the student's start
+        assert m.student_schedule is m.schedule  # the same prediction type as the teacher's
+        if i < 3:
+            out = tmp_path / f"run{i}"
+            cli(["--model", sd1.root, "--student-init", str(init), "--out", str(out)] + RUN)
+            assert len(read_log(out)) == 2 and json.load(open(out / "swiftbrush.json"))["config"]["student_init"]
+    line = cli_error(["--model", sd1.root, "--student-init", make_tiny_sd(str(tmp_path / "other")),
+                      "--out", str(tmp_path / "mismatch")] + RUN, capsys)
+    assert "--student-init" in line and "not the teacher's UNet architecture" in line
+    assert not (tmp_path / "mismatch").exists()
+
+
+def test_a_student_started_from_a_v_model_keeps_its_prediction_type_everywhere(sd1, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    v = str(tmp_path / "v")
+    shutil.copytree(sd1.root, v)  # the same network, declared v-prediction: as SD-Turbo may differ from its teacher
+    with open(os.path.join(v, "scheduler", "scheduler_config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(v, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump({**config, "prediction_type": "v_prediction"}, f)
+    m = sb.load_models(sb.Config(model=sd1.root, student_init=v, resolution=16, prompts="demo"), CPU)
+    assert (m.schedule.prediction_type, m.student_schedule.prediction_type) == ("epsilon", "v_prediction")
+    run = tmp_path / "run"
+    cli(["--model", sd1.root, "--student-init", v, "--out", str(run)] + RUN)
+    assert json.load(open(run / "swiftbrush.json"))["student_prediction_type"] == "v_prediction"
+    export = run / "export"
+    assert file_metadata(export / "student.safetensors")["prediction_type"] == "v_prediction"
+    ours = sample.generate(sample_args(run))
+    for form in (export / "pipeline", export / "student.safetensors"):
+        theirs = sample.generate(sample_args(form))
+        assert all(rel_err(a, b) < 1e-6 for (a, _), (b, _) in zip(ours, theirs)), form
+    pipe = StableDiffusionPipeline.from_pretrained(str(export / "pipeline"), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    z = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    theirs = pipe("a red circle", num_inference_steps=1, guidance_scale=0, latents=z, num_images_per_prompt=2,
+                  height=16, width=16, output_type="pt").images
+    assert rel_err(ours[0][0], theirs * 2 - 1) < 1e-4

@@ -113,9 +113,9 @@ def load_checkpoint(cfg, m, state):
             meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
-    saved = json.loads(meta["config"])
-    diff = [f"--{k.replace('_', '-')} {saved.get(k)} (now {v})" for k, v in asdict(cfg).items()
-            if k not in RESUMABLE and saved.get(k) != v]
+    saved, default = json.loads(meta["config"]), asdict(type(cfg)())  # a flag newer than the checkpoint: its default
+    diff = [f"--{k.replace('_', '-')} {saved.get(k, default[k])} (now {v})" for k, v in asdict(cfg).items()
+            if k not in RESUMABLE and saved.get(k, default[k]) != v]
     if diff:
         raise CheckpointError(f"{path} was trained with other settings: {', '.join(diff)}; resume with the same flags "
                               f"(only --steps, --save-every, --sample-every, --diagnose-every, --device, "
@@ -159,8 +159,9 @@ def export_student(cfg, m, ema):
 
 
 def write_run_info(cfg, m):
-    """swiftbrush.json: what sample.py needs to turn the exported UNet back into the one-step generator."""
+    """swiftbrush.json: what sample.py needs to turn the exported UNet back into the one-step (or K-step) generator."""
     info = {"model": cfg.model, "folder": os.path.abspath(m.folder), "param": cfg.param,
+            "student_steps": cfg.student_steps, "student_prediction_type": m.student_schedule.prediction_type,
             "latent_shape": list(m.latent_shape), "config": asdict(cfg)}
     write_json(os.path.join(cfg.out, "swiftbrush.json"), info)
 

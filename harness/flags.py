@@ -52,7 +52,8 @@ NUMBERS = {"steps": AT_LEAST_1, "batch_size": AT_LEAST_1, "grad_accum": AT_LEAST
            "lora_alpha": POSITIVE,
            "guidance": FINITE, "lora_guidance": FINITE,
            "ema_decay": _checked(float, lambda v: 0 <= v < 1, "in [0, 1)"),
-           "save_every": NEVER_OR_EVERY, "sample_every": NEVER_OR_EVERY, "diagnose_every": NEVER_OR_EVERY}
+           "save_every": NEVER_OR_EVERY, "sample_every": NEVER_OR_EVERY, "diagnose_every": NEVER_OR_EVERY,
+           "student_steps": AT_LEAST_1}
 
 
 def uses_bf16(precision, device):
@@ -80,6 +81,9 @@ def parse_args(argv, description, defaults):
     for name, kind in NUMBERS.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, help=f"default {getattr(defaults, name)}")
     p.add_argument("--lora-targets", help=f"comma-separated Linear names to adapt (default {defaults.lora_targets})")
+    p.add_argument("--student-init", help="start the student from another model of the teacher's architecture: a "
+                                          "run, an export, a Stable Diffusion folder or hub id, a single file "
+                                          "(default: a copy of the teacher)")
     p.add_argument("--device", type=training_device_flag, help="cuda, cuda:N, mps or cpu (default: cuda if available)")
     p.add_argument("--precision", choices=["bf16", "fp32"],
                    help="bf16: the GPU recipe, also on the CPU (default on CUDA) | fp32 (default on the CPU)")
@@ -95,8 +99,10 @@ def parse_args(argv, description, defaults):
                         "norm), so that its gradients are never held whole; not with --grad-accum > 1")
     p.add_argument("--resume", action="store_true", default=False,
                    help="continue the checkpoint in --out if there is one, else start at step 0")
-    p.add_argument("--ablation", action="store_true", default=False,
-                   help="train the paper's three students (VSD + x0, SDS + x0, VSD + eps) and compare them")
+    p.add_argument("--ablation", nargs="?", const="paper", choices=["paper", "beyond"], default=False,
+                   help="paper (the default): train the paper's three students (VSD + x0, SDS + x0, VSD + eps) and "
+                        "compare them; beyond: VSD students in 1, 2 and 4 steps, the SDS student, and a VSD student "
+                        "started from it")
     p.add_argument("--eval-captions", help="COCO's captions_val2014.json: evaluate each student (FID, CLIP score, "
                                            "FD-DINOv2) after training, with python -m evaluation; Stable Diffusion only")
     p.add_argument("--eval-images", help="COCO's val2014/ folder, the real images of FID and FD-DINOv2")
@@ -104,9 +110,13 @@ def parse_args(argv, description, defaults):
     p.add_argument("--eval-metrics", help="default fid,clip,fd-dinov2")
     args = p.parse_args(argv)
     if args.ablation and args.resume:
-        p.error("--ablation trains three fresh students and cannot --resume: resume each of its folders alone")
+        p.error("--ablation trains fresh students and cannot --resume: resume each of its folders alone")
     if args.ablation and ("loss" in args or "param" in args):
         p.error("--ablation sets --loss and --param itself: drop them")
+    if args.ablation == "beyond" and ("student_steps" in args or "student_init" in args):
+        p.error("--ablation beyond sets --student-steps and --student-init itself: drop them")
+    if getattr(args, "student_steps", 1) > 1 and getattr(args, "param", "x0") == "eps":
+        p.error("--student-steps > 1 re-noises the student's x0 (Eq. 7) at each step: not with --param eps")
     if getattr(args, "step_in_backward", False) and getattr(args, "grad_accum", 1) > 1:
         p.error("--step-in-backward steps the student inside each backward, so it cannot hold gradients across "
                 "--grad-accum micro-batches: use --grad-accum 1 or drop --step-in-backward")

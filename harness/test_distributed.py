@@ -154,12 +154,14 @@ def jobs(sd_root, tmp_path_factory):
     shutil.copytree(r("ref"), r("one_to_two"))
     one_process(tiny_flags(sd_root, r("ref")))
     one_process(QUICK_FLAGS + ["--out", r("quick_ref")])
+    one_process(QUICK_FLAGS + ["--student-steps", "2", "--out", r("quick_k2_ref")])  # a 2-step student
     out = {}
     out["A"] = torchrun(tmp, 2, [
         {"kind": "main", "argv": tiny_flags(sd_root, r("two")), "hooks": {"copy_at": 3, "copy_to": r("two_at_3")}},
         {"kind": "main", "argv": tiny_flags(sd_root, r("one_to_two")) + ["--resume"]},
         {"kind": "main", "argv": tiny_flags(sd_root, r("checkpointing_on"), steps=2, checkpointing="on")},
         {"kind": "train", "argv": QUICK_FLAGS + ["--out", r("quick_two")]},
+        {"kind": "train", "argv": QUICK_FLAGS + ["--student-steps", "2", "--out", r("quick_k2_two")]},
         {"kind": "selfcheck", "argv": ["--model", sd_root, "--iterations", "3", "--peak-tflops", "1"]}])
     shutil.copytree(r("two_at_3"), r("two_to_one"))
     out["B"] = torchrun(tmp, 1, [{"kind": "main", "argv": tiny_flags(sd_root, r("one_rank"))},
@@ -208,12 +210,14 @@ def assert_the_maths_of_one_process(one, many):
 
 def test_two_ranks_train_with_the_maths_of_one_process(jobs):
     """Tiny SD with --grad-accum 2 (no_sync on the first micro-batch) and the miniature's quick teacher
-    (--lora-steps 4: the no-grad re-renders): every rank draws the whole batch and keeps its share."""
+    (--lora-steps 4: the no-grad re-renders; and a 2-step student, whose chain's noises are drawn whole too): every
+    rank draws the whole batch and keeps its share."""
     runs, _, out = jobs
     done, codes = out["A"]
-    assert done.returncode == 0 and codes == {0: [0] * 5, 1: [0] * 5}, done.stderr[-3000:]
+    assert done.returncode == 0 and codes == {0: [0] * 6, 1: [0] * 6}, done.stderr[-3000:]
     assert_the_maths_of_one_process(runs / "ref", runs / "two")
     assert_the_maths_of_one_process(runs / "quick_ref", runs / "quick_two")
+    assert_the_maths_of_one_process(runs / "quick_k2_ref", runs / "quick_k2_two")
     assert sb.read_log(str(runs / "two"))[0]["peak_gb"] > 0 and (runs / "two" / "export").is_dir()
     assert sorted(os.listdir(runs / "two" / "samples")) == ["step_000004.png", "step_000008.png"]
     # the memory plan is rank 0's: the EMA is its own, the micro-batch half the batch
@@ -249,11 +253,11 @@ def test_every_rank_holds_rank_0s_weights_and_only_rank_0_writes(jobs):
     """After a run the student and the LoRA of rank 1 are rank 0's bit for bit, with gradient checkpointing off
     and on. Rank 1 raised on any write under the runs' folder (the worker), and all its commands exited 0."""
     _, weights, out = jobs
-    for run in ("two", "checkpointing_on", "one_to_two", "quick_two"):
+    for run in ("two", "checkpointing_on", "one_to_two", "quick_two", "quick_k2_two"):
         zero, one = (load_file(str(weights / f"{run}-rank{r}.safetensors")) for r in (0, 1))
         assert zero.keys() == one.keys() and any(k.startswith("lora/") for k in zero), run
         assert all(torch.equal(zero[k], one[k]) for k in zero), run
-    assert out["A"][1][1] == [0] * 5
+    assert out["A"][1][1] == [0] * 6
 
 
 def test_a_nan_on_one_rank_and_sigterm_to_the_job_stop_every_rank(jobs):

@@ -354,9 +354,10 @@ def test_ablation_on_stable_diffusion(sd_root, tmp_path, capsys):
     written = (out / "table.md").read_text()
     table, note = written.split("\n\n")
     assert "FID, CLIP score and FD-DINOv2" in note and "python -m evaluation --student" in note
-    assert [line.split(" | ")[0] for line in table.splitlines()[2:]] == [f"| {name}" for name, _ in sb.ABLATION]
+    names = ["SwiftBrush: VSD, x0 student", "SDS, x0 student", "VSD, eps student"]
+    assert [line.split(" | ")[0] for line in table.splitlines()[2:]] == [f"| {name}" for name in names]
     assert table in capsys.readouterr().out
-    for name, flags in sb.ABLATION:  # everything but --loss / --param equal, the flags given included
+    for flags in sb.ABLATIONS["paper"]:  # everything but --loss / --param equal, the flags given included
         config = json.load(open(out / f"{flags['loss']}-{flags['param']}" / "swiftbrush.json"))["config"]
         assert {k: config[k] for k in flags} == flags and config["lr"] == 1e-4 and config["steps"] == 2
     assert Image.open(out / "grid.png").size[1] >= 3 * 8  # a row of 8x8 samples per student
@@ -364,8 +365,29 @@ def test_ablation_on_stable_diffusion(sd_root, tmp_path, capsys):
     assert "already holds a checkpoint" in cli_error(cli_args(sd_root, out, 2) + ["--ablation"], capsys)
 
 
+def test_ablation_beyond_the_paper_on_stable_diffusion(sd_root, tmp_path, capsys):
+    """K = 1, 2, 4 and the SDS student, then a VSD student started from it: in that order, into their folders."""
+    out = tmp_path / "beyond"
+    cli(cli_args(sd_root, out, 2) + ["--ablation", "beyond"])
+    table = (out / "table.md").read_text().split("\n\n")[0]
+    names = ["SwiftBrush: VSD, x0 student", "VSD, x0 student, 2 steps", "VSD, x0 student, 4 steps", "SDS, x0 student",
+             "VSD, x0 student, started from sds-x0"]
+    assert [line.split(" | ")[0] for line in table.splitlines()[2:]] == [f"| {name}" for name in names]
+    for folder, steps, loss, init in (("vsd-x0", 1, "vsd", None), ("vsd-x0-k2", 2, "vsd", None),
+                                      ("vsd-x0-k4", 4, "vsd", None), ("sds-x0", 1, "sds", None),
+                                      ("vsd-x0-from-sds-x0", 1, "vsd", str(out / "sds-x0"))):
+        info = json.load(open(out / folder / "swiftbrush.json"))
+        assert (info["student_steps"], info["config"]["loss"], info["config"]["student_init"]) == (steps, loss, init)
+        assert info["config"]["steps"] == 2 and (out / folder / "export" / "pipeline").is_dir()
+    pipeline = json.load(open(out / "vsd-x0-k4" / "export" / "pipeline" / "scheduler" / "scheduler_config.json"))
+    assert pipeline["_class_name"] == "LCMScheduler" and pipeline["original_inference_steps"] == 4
+
+
 @pytest.mark.parametrize("extra, words", [
     (["--model", "miniature", "--prompts", "p.txt"], "drop --prompts"),
+    (["--student-steps", "2", "--param", "eps"], "not with --param eps"),
+    (["--model", "miniature-quick", "--ablation", "beyond", "--student-steps", "2"], "--ablation beyond sets"),
+    (["--student-steps", "0"], "--student-steps: '0': must be >= 1"),
     (["--model", "miniature-quick", "--ablation", "--resume"], "cannot --resume"),
     (["--model", "miniature-quick", "--ablation", "--loss", "sds"], "--ablation sets --loss"),
     (["--model", "no/such/folder"], "does not exist"),

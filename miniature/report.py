@@ -16,7 +16,7 @@ from formats.models import encode_prompts, load_text, scheduler_config
 from harness.report import Report
 from miniature import DEFAULTS, world
 from miniature.teacher import STAMP, build_teacher
-from swiftbrush import Schedule, ema_caught_up, f_theta
+from swiftbrush import Schedule, chain_noises, ema_caught_up, f_theta, k_step_x0, run_label
 from unet import load_unet
 
 EVALUATION = {"miniature": {"seeds": (0, 1, 2), "per_prompt": 16, "ddim_steps": 25},   # 3 x 12 prompts x 16
@@ -34,8 +34,9 @@ class MiniatureReport(Report):
         super().__init__(out, COLUMNS)
         e = EVALUATION[model]
         self.captions = [p for p in world.PROMPTS for _ in range(e["per_prompt"])]
-        shape = (len(self.captions), 3, world.RES, world.RES)
-        self.noises = [torch.randn(shape, generator=torch.Generator().manual_seed(1000 + s)) for s in e["seeds"]]
+        self.shape = (len(self.captions), 3, world.RES, world.RES)
+        self.seeds = [1000 + s for s in e["seeds"]]
+        self.noises = [self.chain_noises(seed, 1)[0] for seed in self.seeds]  # x_T = z of each noise seed
         self.grid_index = torch.arange(0, len(self.captions), e["per_prompt"])  # one sample per prompt, seed 0
         folder = build_teacher(model)
         tokenizer, encoder = load_text(folder)
@@ -55,6 +56,10 @@ class MiniatureReport(Report):
         self.add_row("Bayes-optimal one step, E[x0 given z] (reference)", 1, self.bayes, start=True)
         self.add_row(f"teacher, DDIM + CFG {DEFAULTS['guidance']:g}", e["ddim_steps"], ref["ddim"])
         self.add_row("teacher, one step (Eq. 7 at init)", 1, ref["one_step"], start=True)
+
+    def chain_noises(self, seed, K):
+        """z and the K - 1 noises of a K-step student's re-noising, of one noise seed: the same z for every K."""
+        return chain_noises(self.shape, K, torch.Generator().manual_seed(seed))
 
     def add_row(self, name, sampling_steps, images_per_seed, start=False):
         """A reference row; start: also its rms distance to the Bayes-optimal one-step output (the 'start error')."""
@@ -78,16 +83,18 @@ class MiniatureReport(Report):
     def add_student(self, name, cfg, m, state):
         """The trained student's row (against the truth), and its EMA's when it has one."""
         log = read_log(cfg.out)
-        run = {"sampling_steps": 1, "steps": cfg.steps, "sec_per_step": sum(r["sec_per_step"] for r in log) / len(log)}
+        run = {"sampling_steps": cfg.student_steps, "steps": cfg.steps,
+               "sec_per_step": sum(r["sec_per_step"] for r in log) / len(log)}
         students = [(name, m.student.cpu().eval())]
         if state["ema"] is not None:
             ema = copy.deepcopy(students[0][1])
             ema.load_state_dict(ema_caught_up(state, m.student, cfg.ema_decay))
             students.append((f"{name}, EMA {cfg.ema_decay:g}", ema))
+        noises = [self.chain_noises(seed, cfg.student_steps) for seed in self.seeds]
         for row, student in students:
-            numbers, images = self.scored([f_theta(student, z, self.context, self.schedule, cfg.param)
-                                           for z in self.noises])
-            self.add(row, {**numbers, **run}, images, curves=(f"{cfg.loss}-{cfg.param}", log) if row == name else None)
+            numbers, images = self.scored([k_step_x0(student, z, renoise, self.context, m.student_schedule,
+                                                     cfg.student_steps, cfg.param) for z, renoise in noises])
+            self.add(row, {**numbers, **run}, images, curves=(run_label(cfg), log) if row == name else None)
 
     @torch.no_grad()
     def reference_images(self, folder, evaluation):

@@ -220,7 +220,8 @@ def test_ablation_on_the_quick_miniature(tmp_path, capsys):
             "the world, objects centred, + noise 0.4 (reference)", "Bayes-optimal one step, E[x0 given z] (reference)",
             "teacher, DDIM + CFG 2", "teacher, one step (Eq. 7 at init)"]
     ema = f"EMA {miniature.QUICK['ema_decay']:g}"
-    assert list(results) == rows + [row for name, _ in sb.ABLATION for row in (name, f"{name}, {ema}")]
+    names = ["SwiftBrush: VSD, x0 student", "SDS, x0 student", "VSD, eps student"]
+    assert list(results) == rows + [row for name in names for row in (name, f"{name}, {ema}")]
     for r in results.values():
         assert 0 <= r["color_acc"][0] <= 1 and math.isfinite(r["fd"][0])
     assert results["the world (truth)"]["color_acc"][0] == 1.0 and results["the world (truth)"]["fd"][0] < 0.5
@@ -230,7 +231,7 @@ def test_ablation_on_the_quick_miniature(tmp_path, capsys):
     table = open(os.path.join(out, "table.md")).read()
     assert "| SDS, x0 student | 1 | 6 |" in table and table in printed
     assert Image.open(os.path.join(out, "grid.png")).size[1] >= 64 * 9  # a row per line of the table
-    for name, flags in sb.ABLATION:  # three students through the same loop, each in its own folder
+    for flags in sb.ABLATIONS["paper"]:  # three students through the same loop, each in its own folder
         run = os.path.join(out, f"{flags['loss']}-{flags['param']}")
         config = json.load(open(os.path.join(run, "swiftbrush.json")))["config"]
         assert {k: config[k] for k in flags} == flags and config["steps"] == miniature.QUICK["steps"]
@@ -262,6 +263,23 @@ def test_default_command_on_a_cpu_trains_one_student_on_the_miniature(tmp_path, 
     raw, ema = results["SDS, x0 student"], results[f"SDS, x0 student, EMA {miniature.DEFAULTS['ema_decay']:g}"]
     assert raw["saturation"] != ema["saturation"]  # the EMA row scores the EMA weights, not the student's again
     assert os.path.getsize(os.path.join(out, "grid.png")) > 0
+
+
+def test_a_k_step_student_is_scored_on_its_k_steps(tmp_path):
+    """The report's row of a K-step student: K sampling steps, from each noise seed's z (the other rows' z) and its
+    own K - 1 noises drawn after it."""
+    _, [(name, cfg)] = sb.runs_from_args(sb.parse_args(["--model", "miniature-quick", "--student-steps", "2",
+                                                        "--steps", "2", "--out", str(tmp_path / "k2")]))
+    m, state = sb.train(cfg, progress=False)
+    mini = report.MiniatureReport(str(tmp_path / "report"), "miniature-quick")
+    mini.add_student(name, cfg, m, state)
+    (row, numbers), (shown, images) = mini.rows[-2], mini.images[-2]  # the raw student's, before its EMA's
+    assert row == shown == name == "VSD, x0 student, 2 steps" and numbers["sampling_steps"] == 2
+    z, renoise = mini.chain_noises(mini.seeds[0], 2)
+    assert torch.equal(z, mini.noises[0])
+    with torch.no_grad():
+        want = sb.k_step_x0(m.student, z, renoise, mini.context, m.student_schedule, 2).clamp(-1, 1)
+    assert torch.equal(images, want[mini.grid_index])
 
 
 def test_reference_rows_are_cached_beside_the_teacher_and_recomputed_when_damaged(tmp_path, monkeypatch):

@@ -31,7 +31,8 @@ def naive_generation(g, prompts, a, folder):
     os.makedirs(folder, exist_ok=True)
     for i, (_, text) in enumerate(prompts):
         context = encode_prompts(g.tokenizer, g.encoder, [text])
-        pixels = to_uint8(sample_images(g, noise(a.seed, [i], g.latent_shape), context))[0]
+        z, renoise = noise(a.seed, [i], g.latent_shape, g.steps)
+        pixels = to_uint8(sample_images(g, z, context, renoise=renoise))[0]
         Image.fromarray(pixels).save(os.path.join(folder, f"{i:05d}.png"))
 
 
