@@ -354,29 +354,29 @@ class JsonStream:
 
     def elements(self):
         """The values of the list that starts here, one at a time."""
-        self.expect("[")
-        if self.peek() == "]":
-            self.pos += 1
-            return
-        while True:
-            yield self.value()
-            if self.expect(",]") == "]":
-                return
+        return self._members("[", "]", self.value)
 
     def keys(self):
         """The keys of the object that starts here, one at a time; the caller reads each one's value."""
-        self.expect("{")
-        if self.peek() == "}":
+        return self._members("{", "}", self._key)
+
+    def _members(self, opening, closing, read):
+        """read() each member of the list or object that starts here, between `opening` and `closing`."""
+        self.expect(opening)
+        if self.peek() == closing:
             self.pos += 1
             return
         while True:
-            if self.peek() != '"':
-                self.expect('"')  # a key is a string: this says what was found instead
-            key = self.value()
-            self.expect(":")
-            yield key
-            if self.expect(",}") == "}":
+            yield read()
+            if self.expect("," + closing) == closing:
                 return
+
+    def _key(self):
+        if self.peek() != '"':
+            self.expect('"')  # a key is a string: this says what was found instead
+        key = self.value()
+        self.expect(":")
+        return key
 
 
 def prompts_in_csv(path):
