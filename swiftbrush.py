@@ -387,9 +387,6 @@ def load_student_init(path, teacher, schedule):
 def start_training(cfg, m, device, world=ONE):
     """Freeze the teacher, give it the LoRA of eps_phi, make the optimisers, the memory plan (which decides
     checkpointing and the EMA's place), the EMA (on rank 0 only) and the loop's RNG: `state`."""
-    if cfg.teacher_precision == "bf16" and not uses_bf16(cfg.precision, device):
-        raise UsageError("--teacher-precision bf16 needs --precision bf16: the LoRA teacher trains through the bf16 "
-                         "teacher under bf16 autocast")
     m.teacher.requires_grad_(False).to(device, teacher_dtype(cfg.teacher_precision))
     m.student.requires_grad_(True).to(device, torch.float32).train()  # fp32 master weights: lr 1e-6 vanishes in bf16
     opt_lora = None
@@ -563,6 +560,9 @@ def train(cfg, models=None, progress=True):
     world = World.from_env()  # torchrun's ranks (docs/distributed.md); one process without it
     check_world(cfg, world)
     device = training_device(cfg.device, world)
+    if cfg.teacher_precision == "bf16" and not uses_bf16(cfg.precision, device):
+        raise UsageError("--teacher-precision bf16 needs --precision bf16: the LoRA teacher trains through the bf16 "
+                         "teacher under bf16 autocast")
     world.start(device)  # the process group: NCCL on CUDA, gloo on the CPU
     with world.local_first():  # the hub's download or the miniature's teacher, once per machine
         m = models or load_models(cfg, device)
