@@ -355,9 +355,8 @@ def load_models(cfg, device):
     prompts = open_prompts(cfg.prompts)
     embeddings = prompt_embeddings(folder, prompts, device)  # fp32, as the authors encode prompts
     schedule = Schedule(scheduler_config(folder))
-    if cfg.student_steps > schedule.T or (cfg.student_steps > 1 and cfg.param == "eps"):
-        raise UsageError(f"--student-steps {cfg.student_steps}: at most the teacher's {schedule.T} timesteps, and "
-                         f"not with --param eps (each step re-noises the student's x0, Eq. 7)")
+    if cfg.student_steps > schedule.T:
+        raise UsageError(f"--student-steps {cfg.student_steps}: at most the teacher's {schedule.T} timesteps")
     student, student_schedule = copy.deepcopy(teacher), schedule
     if cfg.student_init:
         student, student_schedule = load_student_init(cfg.student_init, teacher, schedule)
@@ -382,6 +381,16 @@ def load_student_init(path, teacher, schedule):
     if student_schedule is not schedule:
         print(f"student: {path} predicts {student_schedule.prediction_type}, the teacher {schedule.prediction_type}")
     return stored.unet, student_schedule
+
+
+def check_recipe(cfg, device):
+    """The settings that cannot train together, in one line before any model loads; main checks every student of an
+    --ablation this way before the first one trains."""
+    if cfg.student_steps > 1 and cfg.param == "eps":
+        raise UsageError("--student-steps > 1 re-noises the student's x0 (Eq. 7) at each step: not with --param eps")
+    if cfg.teacher_precision == "bf16" and not uses_bf16(cfg.precision, device):
+        raise UsageError("--teacher-precision bf16 needs --precision bf16: the LoRA teacher trains through the bf16 "
+                         "teacher under bf16 autocast")
 
 
 def start_training(cfg, m, device, world=ONE):
@@ -560,9 +569,7 @@ def train(cfg, models=None, progress=True):
     world = World.from_env()  # torchrun's ranks (docs/distributed.md); one process without it
     check_world(cfg, world)
     device = training_device(cfg.device, world)
-    if cfg.teacher_precision == "bf16" and not uses_bf16(cfg.precision, device):
-        raise UsageError("--teacher-precision bf16 needs --precision bf16: the LoRA teacher trains through the bf16 "
-                         "teacher under bf16 autocast")
+    check_recipe(cfg, device)
     world.start(device)  # the process group: NCCL on CUDA, gloo on the CPU
     with world.local_first():  # the hub's download or the miniature's teacher, once per machine
         m = models or load_models(cfg, device)
@@ -698,6 +705,7 @@ def main(argv=None):
         base, runs = runs_from_args(args)
         for _, cfg in runs:
             check_world(cfg, world)
+            check_recipe(cfg, training_device(cfg.device, world))
             check_out_folder(cfg, args.resume)
         mini = miniature_package(base.model)
         coco = coco_evaluation(args, base, world)  # None without --eval-captions

@@ -115,8 +115,6 @@ def parse_args(argv, description, defaults):
         p.error("--ablation sets --loss and --param itself: drop them")
     if args.ablation == "beyond" and ("student_steps" in args or "student_init" in args):
         p.error("--ablation beyond sets --student-steps and --student-init itself: drop them")
-    if getattr(args, "student_steps", 1) > 1 and getattr(args, "param", "x0") == "eps":
-        p.error("--student-steps > 1 re-noises the student's x0 (Eq. 7) at each step: not with --param eps")
     if getattr(args, "step_in_backward", False) and getattr(args, "grad_accum", 1) > 1:
         p.error("--step-in-backward steps the student inside each backward, so it cannot hold gradients across "
                 "--grad-accum micro-batches: use --grad-accum 1 or drop --step-in-backward")

@@ -386,6 +386,7 @@ def test_ablation_beyond_the_paper_on_stable_diffusion(sd_root, tmp_path, capsys
 @pytest.mark.parametrize("extra, words", [
     (["--model", "miniature", "--prompts", "p.txt"], "drop --prompts"),
     (["--student-steps", "2", "--param", "eps"], "not with --param eps"),
+    (["--model", "miniature-quick", "--ablation", "--student-steps", "2"], "not with --param eps"),  # its 3rd student
     (["--model", "miniature-quick", "--ablation", "beyond", "--student-steps", "2"], "--ablation beyond sets"),
     (["--student-steps", "0"], "--student-steps: '0': must be >= 1"),
     (["--model", "miniature-quick", "--ablation", "--resume"], "cannot --resume"),

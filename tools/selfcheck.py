@@ -119,6 +119,7 @@ def selfcheck(args):
                     step_in_backward=args.step_in_backward, save_every=0, sample_every=0, diagnose_every=0,
                     prompts="demo")  # the speed does not depend on them
     check_world(cfg, world)
+    sb.check_recipe(cfg, device)
     world.start(device)
     with world.local_first():
         m = sb.load_models(cfg, device) if args.model else random_models(cfg, device, big)

@@ -35,3 +35,9 @@ def test_selfcheck_passes_step_in_backward(capsys):
     in_backward = selfcheck.main(["--iterations", "3", "--batch-size", "1", "--step-in-backward"])
     assert capsys.readouterr().out.count("the student stepped inside its backward") == 1
     assert 1.15 < in_backward["flops_per_iter"] / plain["flops_per_iter"] < 1.3  # measured 1.21: + 2 UNet forwards of ~9.5
+
+
+def test_selfcheck_says_a_bf16_teacher_needs_the_bf16_recipe():
+    with pytest.raises(SystemExit) as e:  # one line, as the training command says it, not a dtype traceback
+        selfcheck.main(["--iterations", "3", "--teacher-precision", "bf16"])
+    assert str(e.value.code).startswith("selfcheck: error: --teacher-precision bf16 needs --precision bf16")
