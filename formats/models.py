@@ -146,7 +146,7 @@ def unpack_single_file(path, prediction_type=None):
     if not os.path.exists(os.path.join(folder, "model_index.json")):
         parts = read_single_file(path, upcast_attention=v, sample_size=96 if v else 64)
         print(f"model: unpacking {path} (SD {parts['family'][2]}.x) into {folder}")
-        with atomic(folder) as tmp:
+        with atomic(folder, shared=True) as tmp:
             write_folder(parts, tmp, prediction_type or "epsilon")
             clip_tokenizer(parts["family"], os.path.dirname(os.path.abspath(path))).save_pretrained(
                 os.path.join(tmp, "tokenizer"))

@@ -79,7 +79,7 @@ def open_prompts(source):
     folder = os.path.join(cache_root(), f"prompts-{name}-{digest}")
     if not PromptList.is_whole(folder):
         print(f"prompts: converting {source} once into {folder}")
-        with atomic(folder) as tmp:
+        with atomic(folder, shared=True) as tmp:
             write_prompt_cache(read(), tmp, source)
     prompts = PromptList(folder)
     if not len(prompts):

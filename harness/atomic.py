@@ -6,12 +6,14 @@ from contextlib import contextmanager
 
 
 @contextmanager
-def atomic(path):
+def atomic(path, shared=False):
     """Yields `path + ".tmp"`, where the block writes a file or a folder; one rename then puts it at `path`, so a
     killed process leaves the old one or the new one, never half of either. An error in the block removes the
-    temporary; a kill leaves it, to be overwritten by the next write."""
+    temporary; a kill leaves it, to be overwritten by the next write. `shared`: a cache that other processes may be
+    writing at the same moment (parallel runs, ranks on several machines over one home): each process writes its
+    own temporary, `path + ".tmp-PID"`, so none deletes another's half-written one."""
     path = os.fspath(path)
-    tmp = path + ".tmp"
+    tmp = f"{path}.tmp-{os.getpid()}" if shared else path + ".tmp"
     _remove(tmp)
     try:
         yield tmp

@@ -20,6 +20,7 @@ from conftest import (CPU, UNET_FILE, assert_same_ckpt, cli, cli_args, cli_error
                       same_tensors)
 from formats import models, prompts
 from harness import checkpoint
+from harness.atomic import atomic
 from unet import WeightsError
 
 pytest.importorskip("diffusers")  # the tiny folders are built by diffusers' save_pretrained
@@ -459,3 +460,19 @@ def test_100k_prompts_train_encoding_only_each_batchs_prompts(sd_root, tmp_path,
     assert encoded[1] + encoded[2] == drawn
     tokenizer, encoder = models.load_text(sd_root)
     assert torch.allclose(m.embeddings[state["order"][:2]], real(tokenizer, encoder, drawn[:2]), atol=1e-6)
+
+
+def test_a_shared_cache_keeps_other_processes_temporaries(tmp_path):
+    """Two processes building one cache folder (parallel runs, ranks on several machines over one home) each write
+    their own temporary: neither deletes the other's half-written one, as a run's own files may (one writer)."""
+    folder = str(tmp_path / "cache")
+    other = f"{folder}.tmp-{os.getpid() + 1}"  # another process, halfway through
+    os.makedirs(other)
+    with atomic(folder, shared=True) as tmp:
+        assert tmp == f"{folder}.tmp-{os.getpid()}"
+        os.makedirs(tmp)
+        open(os.path.join(tmp, "whole"), "w").close()
+    assert os.listdir(folder) == ["whole"] and os.path.isdir(other)
+    with atomic(str(tmp_path / "own.json")) as tmp:  # a run's own file: a kill's leftover is overwritten next time
+        assert tmp == str(tmp_path / "own.json.tmp")
+        open(tmp, "w").write("{}")

@@ -118,6 +118,6 @@ class MiniatureReport(Report):
                "ddim": [sample.ddim_sample(teacher, self.schedule, self.context, self.uncond, z,
                                            evaluation["ddim_steps"], DEFAULTS["guidance"]) for z in self.noises],
                "one_step": [f_theta(teacher, z, self.context, self.schedule) for z in self.noises]}
-        with atomic(path) as tmp:  # a killed run leaves no half-written cache
+        with atomic(path, shared=True) as tmp:  # a killed run leaves no half-written cache
             save_file({f"{kind}_{i}": x.contiguous() for kind, xs in ref.items() for i, x in enumerate(xs)}, tmp)
         return ref

@@ -74,7 +74,7 @@ def build_teacher(model, progress=True):
         print(f"teacher: {folder} (cached)")
         return folder
     print(f"teacher: training the miniature's teacher once for this machine, into {folder}")
-    with atomic(folder) as tmp:  # a killed build leaves only the temporary folder, a damaged teacher is replaced
+    with atomic(folder, shared=True) as tmp:  # a killed build leaves only the temporary folder, a damaged teacher is replaced
         _train_teacher(tmp, TRAINING[model], progress)
         with open(os.path.join(tmp, STAMP), "w") as f:
             json.dump({"recipe": recipe(model), "files": _files_sha(tmp)}, f, indent=2)
