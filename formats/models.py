@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass
 
 import numpy as np

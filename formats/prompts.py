@@ -52,17 +52,17 @@ CHUNK = 1 << 20    # bytes of a .json read at a time
 # --prompts: which, said in the run's first lines
 
 
-def pick_prompts(given, paper_prompts=PAPER_PROMPTS):
+def pick_prompts(given):
     """--prompts as given (`demo` with a notice); by default the paper's, JourneyDB's. Says which and why."""
     if given == DEMO:
         print(f"prompts: demo, {len(DEMO_PROMPTS)} built-in prompts: a demo, not the paper's run (without --prompts "
-              f"Stable Diffusion trains on JourneyDB's, {paper_prompts})")
+              f"Stable Diffusion trains on JourneyDB's, {PAPER_PROMPTS})")
     elif given:
         print(f"prompts: {given}")
     else:
-        print(f"prompts: {paper_prompts} (the paper's: JourneyDB's prompts, a public copy on the hub; its terms are "
+        print(f"prompts: {PAPER_PROMPTS} (the paper's: JourneyDB's prompts, a public copy on the hub; its terms are "
               f"JourneyDB's, docs/training.md; --prompts FILE for yours)")
-    return given or paper_prompts
+    return given or PAPER_PROMPTS
 
 
 def open_prompts(source):
@@ -442,7 +442,7 @@ class PromptEmbeddings:
         return encode_prompts(self.tokenizer, self.encoder, chosen)
 
 
-def prompt_embeddings(folder, prompts, device, dtype=torch.float32):
-    """PromptEmbeddings of `prompts` with the text encoder of the Stable Diffusion folder, on `device` in `dtype`."""
+def prompt_embeddings(folder, prompts, device):
+    """PromptEmbeddings of `prompts` with the text encoder of the Stable Diffusion folder, on `device` in fp32."""
     tokenizer, encoder = load_text(folder)
-    return PromptEmbeddings(tokenizer, encoder.to(device, dtype), prompts)
+    return PromptEmbeddings(tokenizer, encoder.to(device, torch.float32), prompts)

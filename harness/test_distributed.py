@@ -13,7 +13,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 import swiftbrush as sb
