@@ -21,6 +21,7 @@ import argparse
 import copy
 import json
 import os
+import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 
@@ -264,11 +265,20 @@ def trained_miniature(out, steps):
         yield state["step"], m, base
 
 
-def finished_run(run):
+def run_config(run):
+    """The Config a finished run folder recorded (swiftbrush.json), or one line saying why there is none."""
+    path = os.path.join(run, "swiftbrush.json")
+    try:
+        with open(path) as f:
+            return sb.Config(**{**json.load(f)["config"], "out": run})
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise sb.UsageError(f"--run {run}: {path} is missing or not a run's ({e.__class__.__name__}): pass the --out "
+                            f"folder of a finished run") from None
+
+
+def finished_run(cfg):
     """(step, models, config) of a run folder's checkpoint, read without writing anything."""
     from harness.checkpoint import load_checkpoint
-    with open(os.path.join(run, "swiftbrush.json")) as f:
-        cfg = sb.Config(**{**json.load(f)["config"], "out": run})
     cpu = torch.device("cpu")
     m = sb.load_models(cfg, cpu)
     state = sb.start_training(cfg, m, cpu)
@@ -298,29 +308,46 @@ def header(first):
     return f"| {first} | effect | " + " | ".join(TEACHER_PASSES) + " |\n|---|---|" + "---|" * len(TEACHER_PASSES)
 
 
+def positive_numbers(kind):
+    """An argparse type: comma-separated positive numbers of `kind`, as a list."""
+    def parse(text):
+        try:
+            values = [kind(v) for v in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: comma-separated {kind.__name__}s, e.g. 25,100,300") from None
+        if min(values) <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: each must be positive")
+        return values
+    return parse
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m tools.precision", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["sd", "miniature"])
-    p.add_argument("--effects", default=",".join(f"{100 * e:g}" for e in EFFECTS),
-                   help="sd: the LoRA's effect sizes in %% (default %(default)s)")
-    p.add_argument("--steps", default="25,100,300", help="miniature: the steps to measure at (default 25,100,300)")
+    p.add_argument("--effects", type=positive_numbers(float), default=[100 * e for e in EFFECTS],
+                   help=f"sd: the LoRA's effect sizes in %% (default {','.join(f'{100 * e:g}' for e in EFFECTS)})")
+    p.add_argument("--steps", type=positive_numbers(int), default=[25, 100, 300],
+                   help="miniature: the steps to measure at (default 25,100,300)")
     p.add_argument("--out", default="runs/precision-miniature", help="miniature: the run trained and measured")
     p.add_argument("--run", help="miniature: measure this finished run's last checkpoint instead (read only)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared CPU more spin)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    print("each cell: the error of g against fp64 / the cosine of the student's gradient to fp64's")
-    if a.what == "sd":
-        print(header("LoRA effect (target)"))
-        _, students = sd_rows([float(e) / 100 for e in a.effects.split(",")])
-        print("\nthe student's own forward and backward, on the exact g: the cosine of its gradient to fp64's")
-        for name, cos in students.items():
-            print(f"| {name} | {cos:.7f} |")
-    else:
-        print(header("miniature, step"))
-        models = finished_run(a.run) if a.run else trained_miniature(a.out, [int(s) for s in a.steps.split(",")])
-        miniature_rows(models)
+    try:
+        cfg = run_config(a.run) if a.run else None  # before anything is measured
+        print("each cell: the error of g against fp64 / the cosine of the student's gradient to fp64's")
+        if a.what == "sd":
+            print(header("LoRA effect (target)"))
+            _, students = sd_rows([e / 100 for e in a.effects])
+            print("\nthe student's own forward and backward, on the exact g: the cosine of its gradient to fp64's")
+            for name, cos in students.items():
+                print(f"| {name} | {cos:.7f} |")
+        else:
+            print(header("miniature, step"))
+            miniature_rows(finished_run(cfg) if cfg else trained_miniature(a.out, a.steps))
+    except (sb.UsageError, sb.WeightsError, sb.CheckpointError) as e:
+        sys.exit(f"precision: error: {e}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The precision study's measurement (tools/precision.py) on the tiny SD: the default precision of the teacher's
 passes keeps the student's gradient (cosine >= 0.999 to fp64's) at a small LoRA effect, --teacher-precision bf16 is
 as far off as docs/memory.md says, and the TF32 emulation rounds as TF32 does."""
+import pytest
 import torch
 
 import swiftbrush as sb
@@ -34,3 +35,15 @@ def test_the_default_keeps_the_students_gradient_at_a_small_lora_effect(sd_root)
     assert r[default][0] < 1e-3 and r[default][1] >= 0.999  # measured: error 0.025%, cosine 1.0000000
     assert r["bf16"][0] > 1 and r["bf16"][1] < 0.9  # the faster flag, as docs/memory.md#precision says: 390%, 0.53
     assert r["fp32"][0] < r["tf32"][0] < r["fp16"][0] < r["bf16"][0]  # fewer mantissa bits, larger errors
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["miniature", "--run", "no/such/run"], "precision: error: --run no/such/run: "),
+    (["miniature", "--steps", "25,x"], "argument --steps: '25,x': comma-separated ints"),
+    (["sd", "--effects", "0,3"], "argument --effects: '0,3': each must be positive"),
+])
+def test_bad_input_is_one_line(argv, words, capsys):
+    with pytest.raises(SystemExit) as e:
+        precision.main(argv)
+    said = str(e.value.code) if isinstance(e.value.code, str) else capsys.readouterr().err.strip().splitlines()[-1]
+    assert words in said and "Traceback" not in said
