@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import replace
 
 import numpy as np
@@ -87,8 +88,39 @@ def test_lora_identity_toggle_merge_and_files(sd_root, tmp_path):
         lora.inject_lora(net, rank=2, targets=("no_such_layer",))
 
 
+def test_lora_scale_is_alpha_over_r_as_loralib_and_peft():
+    """W x + b + (alpha / r) B A x, loralib's `scaling = lora_alpha / r`, written out; peft's LoRA (rsLoRA off, its
+    default) on the same weights gives the same output, and merging folds the same (alpha / r) B A into W."""
+    from peft import LoraConfig, inject_adapter_in_model
+    torch.manual_seed(0)
+    r, alpha = 2, 7.0
+    base = torch.nn.Linear(6, 5)
+    x = torch.randn(3, 6)
+    layer = lora.LoRALinear.wrap(copy.deepcopy(base), r, alpha)
+    with torch.no_grad():
+        layer.lora_up.weight.normal_()
+        A, B = layer.lora_down.weight, layer.lora_up.weight
+        want = x @ base.weight.T + base.bias + (alpha / r) * (x @ A.T) @ B.T
+        assert rel_err(want, layer(x)) < 1e-6 and rel_err(want, base(x)) > 0.1
+
+        holder = torch.nn.Module()
+        holder.to_q = copy.deepcopy(base)
+        theirs = inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, target_modules=["to_q"]), holder).to_q
+        theirs.lora_A["default"].weight.copy_(A)
+        theirs.lora_B["default"].weight.copy_(B)
+        assert theirs.scaling["default"] == alpha / r
+        assert rel_err(theirs(x), layer(x)) < 1e-6
+
+        ours = torch.nn.Module()
+        ours.to_q = layer
+        lora.merge_lora(ours)
+        assert type(ours.to_q) is torch.nn.Linear and rel_err(want, ours.to_q(x)) < 1e-6
+
+
 # --------------------------------------------------------------------------------------------------
-# The student (Eq. 7) and the score gradients (Eq. 5, Eq. 2)
+# Algorithm 1, equation by equation, by hand: each expected value is computed here from the teacher's UNet, the
+# scheduler's config and the paper's constants, never by the function under test; where two quantities could be
+# swapped (the two scores, their CFG scales, the LoRA's switch) the test sets them apart so that a swap shows
 
 
 def _abar_by_hand(root, t):
@@ -98,8 +130,43 @@ def _abar_by_hand(root, t):
     return float(np.prod(1 - betas[:t + 1]))
 
 
+def _alpha_sigma_by_hand(root, t):
+    """alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t) for each t of a batch, shaped [B, 1, 1, 1]."""
+    abar = torch.tensor([_abar_by_hand(root, int(i)) for i in t], dtype=torch.float32).view(-1, 1, 1, 1)
+    return abar.sqrt(), (1 - abar).sqrt()
+
+
+def _student_draws(root, x0, seed):
+    """Steps 2's draws from a generator seeded `seed`, in score_gradient's order: t ~ U(0.02 T, 0.98 T) (T = 1000:
+    20..980 inclusive, as the authors' randint(20, 981)), then eps ~ N(0, I). Returns t, eps, alpha_t, sigma_t."""
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.randint(20, 980 + 1, (len(x0),), generator=gen)
+    eps = torch.randn(x0.shape, generator=gen)
+    return (t, eps, *_alpha_sigma_by_hand(root, t))
+
+
+def _cfg_by_hand(unet, x_t, t, ctx, uncond, scale, lora_on):
+    """eps_u + s (eps_c - eps_u), the two branches as two separate calls, the LoRA switched as asked."""
+    lora.set_lora(unet, lora_on)
+    try:
+        eps_u = unet(x_t, t, uncond.expand(len(x_t), -1, -1))
+        eps_c = unet(x_t, t, ctx)
+    finally:
+        lora.set_lora(unet, True)
+    return eps_u + scale * (eps_c - eps_u)
+
+
+def _perturb_lora(unet, seed=9):
+    """A LoRA that has learnt something (B no longer 0), so that eps_phi is not eps_psi."""
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed)
+        for p in lora.lora_parameters(unet):
+            p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+
+
 @pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
 def test_f_theta_at_step0_is_teachers_x0_prediction(sd_root, sd_root_v, pred):
+    """Eq. 7: x0 = (z - sigma_T eps_theta(z, T, y)) / alpha_T at T = 999, the student being the teacher at step 0."""
     root = sd_root if pred == "epsilon" else sd_root_v
     m = sb.load_models(sb.Config(model=root, prompts="demo"), CPU)
     assert m.schedule.prediction_type == pred and m.latent_shape == (4, 8, 8)
@@ -145,34 +212,49 @@ def test_vsd_gradient_is_zero_at_start_and_sds_is_not(vsd_models):
     assert sb.score_gradient(m, other_cfg, x0, ctx, torch.Generator().manual_seed(0)).abs().max() > 1e-4
 
 
-def test_sds_gradient_by_hand(vsd_models):
-    """g = sigma_t^2 (eps_psi_cfg(x_t, t, y) - eps), with t, eps drawn as score_gradient draws them."""
+def test_vsd_gradient_by_hand(vsd_models, sd_root):
+    """Eq. 5: g = sigma_t^2 (eps_psi(x_t, t, y) - eps_phi(x_t, t, y)), x_t = alpha_t x0 + sigma_t eps (Eq. 1), eps_psi
+    the UNet with its LoRA off at CFG `guidance`, eps_phi with it on at CFG `lora_guidance`. The scales are set apart
+    (3 and 1.5) and the LoRA is not zero, so that reversing the difference, swapping the scales or running both scores
+    with the same LoRA switch each gives another g (checked: each is far from the right one in some row; w = sigma_t
+    and sigma_t^2 differ where t is small)."""
     m = vsd_models
+    _perturb_lora(m.teacher)
     x0, ctx = _x0_ctx(m)
-    cfg = sb.Config(loss="sds", guidance=3.0)
-    g = sb.score_gradient(m, cfg, x0, ctx, torch.Generator().manual_seed(5))
-    gen = torch.Generator().manual_seed(5)
-    t = torch.randint(20, 981, (2,), generator=gen)
-    eps = torch.randn(x0.shape, generator=gen)
-    c = m.schedule.config
-    betas = np.linspace(c["beta_start"] ** 0.5, c["beta_end"] ** 0.5, c["num_train_timesteps"]) ** 2
-    abar = torch.tensor([float(np.prod(1 - betas[:int(i) + 1])) for i in t], dtype=torch.float32)
-    a, s = abar.sqrt().view(-1, 1, 1, 1), (1 - abar).sqrt().view(-1, 1, 1, 1)
+    g = sb.score_gradient(m, sb.Config(loss="vsd", guidance=3.0, lora_guidance=1.5), x0, ctx,
+                          torch.Generator().manual_seed(5))
+    t, eps, a, s = _student_draws(sd_root, x0, seed=5)
     x_t = a * x0 + s * eps
-    with torch.no_grad(), lora.lora_disabled(m.teacher):
-        e_u = m.teacher(x_t, t, m.uncond.expand(2, -1, -1))
-        e_c = m.teacher(x_t, t, ctx)
-    want = s ** 2 * (e_u + 3.0 * (e_c - e_u) - eps)
+    with torch.no_grad():
+        score = {(scale, on): _cfg_by_hand(m.teacher, x_t, t, ctx, m.uncond, scale, on)
+                 for scale in (3.0, 1.5) for on in (False, True)}
+    want = s ** 2 * (score[3.0, False] - score[1.5, True])
     assert rel_err(want, g) < 1e-4
+    for wrong in (s ** 2 * (score[1.5, True] - score[3.0, False]),   # the difference reversed
+                  s ** 2 * (score[1.5, False] - score[3.0, True]),    # the scales swapped
+                  s ** 2 * (score[3.0, True] - score[1.5, True]),     # eps_psi with the LoRA on
+                  s * (score[3.0, False] - score[1.5, True])):       # w(t) = sigma_t
+        assert max(rel_err(want[i], wrong[i]) for i in range(len(g))) > 0.1  # in one of the rows at least
+
+
+def test_sds_gradient_by_hand(vsd_models, sd_root):
+    """Eq. 2: g = sigma_t^2 (eps_psi(x_t, t, y) - eps), eps_psi with CFG and its LoRA off, eps the noise of x_t."""
+    m = vsd_models
+    _perturb_lora(m.teacher)  # SDS has no LoRA in training; here it must not leak into eps_psi
+    x0, ctx = _x0_ctx(m)
+    g = sb.score_gradient(m, sb.Config(loss="sds", guidance=3.0), x0, ctx, torch.Generator().manual_seed(5))
+    t, eps, a, s = _student_draws(sd_root, x0, seed=5)
+    with torch.no_grad():
+        eps_psi = _cfg_by_hand(m.teacher, a * x0 + s * eps, t, ctx, m.uncond, 3.0, lora_on=False)
+    assert rel_err(s ** 2 * (eps_psi - eps), g) < 1e-4
 
 
 @pytest.mark.parametrize("loss", ["vsd", "sds"])
 def test_surrogate_loss_gradient_is_g(vsd_models, loss):
+    """Step 4: d/dx0 0.5 mean ||x0 - sg(x0 - g)||^2 = +g / N, so gradient descent moves x0 along -g; and through the
+    student, d loss / d theta = (d f_theta / d theta)^T g / N."""
     m = vsd_models
-    with torch.no_grad():  # a LoRA that has learnt something, so VSD's g is not zero
-        g0 = torch.Generator().manual_seed(9)
-        for p in lora.lora_parameters(m.teacher):
-            p.copy_(0.2 * torch.randn(p.shape, generator=g0))
+    _perturb_lora(m.teacher)  # so VSD's g is not zero
     x0, ctx = _x0_ctx(m)
     g = sb.score_gradient(m, sb.Config(loss=loss), x0, ctx, torch.Generator().manual_seed(1))
     assert g.abs().max() > 1e-4
@@ -181,7 +263,6 @@ def test_surrogate_loss_gradient_is_g(vsd_models, loss):
     # x0 - (x0 - g) is g up to one rounding at |x0|'s scale (fp32), hence the atol
     tol = 4 * torch.finfo(torch.float32).eps * x0.abs().max().item()
     assert torch.allclose(grad * x0.numel(), g, rtol=1e-5, atol=tol)
-    # and through the student: d loss / d theta = (d f_theta / d theta)^T g / N
     z = torch.randn((2, *m.latent_shape), generator=torch.Generator().manual_seed(7))
     w = m.student.conv_out.weight
     x = sb.f_theta(m.student, z, ctx, m.schedule)
@@ -191,11 +272,170 @@ def test_surrogate_loss_gradient_is_g(vsd_models, loss):
     assert rel_err(b, a) < 1e-5
 
 
+@pytest.mark.parametrize("weighted", [True, False], ids=["abar", "plain"])
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
+def test_lora_teachers_loss_by_hand(sd_root, sd_root_v, pred, weighted):
+    """Step 5, Eq. 6: t ~ U(0, T) (0..999), eps ~ N(0, I), x_t = alpha_t sg(x0) + sigma_t eps; weighted (the authors'):
+    mean abar_t ||eps_hat - eps||^2 with eps_hat the model's output as eps (a v model's: alpha_t v + sigma_t x_t);
+    plain: the MSE in the model's own output, eps or v = alpha_t eps - sigma_t x0. No gradient reaches x0 (sg)."""
+    root = sd_root if pred == "epsilon" else sd_root_v
+    m = sb.load_models(sb.Config(model=root, prompts="demo"), CPU)
+    x0, ctx = _x0_ctx(m)
+    x0 = x0.clone().requires_grad_(True)  # as a caller with the student's graph would pass it
+    loss = sb.diffusion_loss(m.teacher, x0, ctx, m.uncond, m.schedule, torch.Generator().manual_seed(3),
+                             p_uncond=0.0, abar_weighted=weighted)
+    assert torch.autograd.grad(loss, x0, allow_unused=True) == (None,)  # sg(x0): the LoRA's loss leaves x0 alone
+    gen = torch.Generator().manual_seed(3)
+    t = torch.randint(0, 1000, (2,), generator=gen)
+    eps = torch.randn(x0.shape, generator=gen)
+    a, s = _alpha_sigma_by_hand(root, t)
+    x0 = x0.detach()
+    x_t = a * x0 + s * eps
+    with torch.no_grad():
+        out = m.teacher(x_t, t, ctx)
+    if weighted:
+        eps_hat = out if pred == "epsilon" else a * out + s * x_t
+        want = (a ** 2 * (eps_hat - eps) ** 2).mean()
+    else:
+        want = ((out - (eps if pred == "epsilon" else a * eps - s * x0)) ** 2).mean()
+    assert abs(loss.item() - want.item()) < 1e-5 * want.item()
+
+
+def test_lora_teachers_prompts_are_dropped_to_the_empty_prompt_one_in_ten(vsd_models, sd_root):
+    """Eq. 6's prompts: each row's y is replaced by "" where u < 0.1 (the authors' 10%), u ~ U(0, 1) drawn after t
+    and eps, so that the unconditional branch of eps_phi's CFG learns the student's images too. Over 16 rows whose
+    draws drop some but not all (by hand), exactly those rows reach the UNet as "" and the others as their prompt."""
+    m = vsd_models
+    B = 16
+    x0 = torch.randn((B, *m.latent_shape), generator=torch.Generator().manual_seed(1))
+    ctx = m.embeddings[torch.arange(B) % len(m.embeddings)]
+    seen = []
+    unet = lambda x_t, t, context: seen.append(context) or m.teacher(x_t, t, context)
+    sb.diffusion_loss(unet, x0, ctx, m.uncond, m.schedule, torch.Generator().manual_seed(2))  # the default rate
+    gen = torch.Generator().manual_seed(2)
+    torch.randint(0, 1000, (B,), generator=gen), torch.randn(x0.shape, generator=gen)
+    drop = torch.rand(B, generator=gen) < 0.1
+    assert 0 < int(drop.sum()) < B  # this seed's draws drop some rows (2 of 16), not all
+    (got,) = seen
+    for i in range(B):
+        assert torch.equal(got[i], m.uncond[0] if drop[i] else ctx[i]), i
+
+
 # --------------------------------------------------------------------------------------------------
 # The training loop
 
 
-def test_vsd_steps_train_student_and_lora_only(sd_root, tmp_path):
+def _one_step(root, **kw):
+    """Models and state as train() sets them up, with a LoRA that is not zero; returns (m, cfg, state)."""
+    cfg = sb.Config(model=root, **{**BASE, "ema_decay": 0, **kw})
+    m = sb.load_models(cfg, CPU)
+    state = sb.start_training(cfg, m, CPU)
+    if cfg.loss == "vsd":
+        _perturb_lora(m.teacher)
+    return m, cfg, state
+
+
+@pytest.mark.parametrize("loss,param", [("vsd", "x0"), ("sds", "x0"), ("vsd", "eps")])
+def test_a_step_moves_the_students_image_where_its_equation_says(sd_root, monkeypatch, loss, param):
+    """The method's direction, through everything a step runs (train_step: render, g, the surrogate, clipping, Adam):
+    after one step of batch 1, the student's image for the same z and y has moved, to first order, toward the
+    teacher's denoised estimate x0_psi = (x_t - sigma_t eps_psi) / alpha_t and away from the LoRA teacher's x0_phi
+    (VSD: along x0_psi - x0_phi, i.e. -(eps_psi - eps_phi)), or toward x0_psi from x0 itself (SDS: along
+    -(eps_psi - eps)). The scores are computed here from the UNet at the step's own x_t and t (read from the teacher's
+    first no-grad call), with the CFG scales set apart. The eps ablation's image (the raw eps) follows the same rule.
+    Measured: cosine 0.56-0.74 over three seeds each, and the negative of it with g's sign reversed. With VSD, the LoRA
+    teacher's step lowers its own Eq. 6 loss on the same draws."""
+    m, cfg, state = _one_step(sd_root, loss=loss, param=param, batch_size=1, lr=1e-5, lora_lr=1e-4,
+                              guidance=3.0, lora_guidance=1.5)
+    seen, teacher_inputs, lora_losses = {}, [], []
+    real_f_theta, real_diffusion_loss = sb.f_theta, sb.diffusion_loss
+
+    def f_theta(student, z, context, *a):
+        seen["z"], seen["y"] = z, context
+        seen["x0"] = x0 = real_f_theta(student, z, context, *a)
+        return x0
+
+    def diffusion_loss(unet, x0, context, uncond, schedule, gen, **kw):
+        before = gen.get_state()
+        loss_phi = real_diffusion_loss(unet, x0, context, uncond, schedule, gen, **kw)
+        again = lambda: real_diffusion_loss(unet, x0, context, uncond, schedule,
+                                            torch.Generator().set_state(before), **kw).item()
+        lora_losses.append((loss_phi.item(), again))
+        return loss_phi
+
+    monkeypatch.setattr(sb, "f_theta", f_theta)
+    monkeypatch.setattr(sb, "diffusion_loss", diffusion_loss)
+    hook = m.teacher.register_forward_pre_hook(
+        lambda _, args: None if torch.is_grad_enabled() else teacher_inputs.append(args[:2]))
+    sb.train_step(m, cfg, state, nullcontext())
+    hook.remove()
+
+    z, y, x0 = seen["z"], seen["y"], seen["x0"].detach()
+    x_t, t = (v[:1] for v in teacher_inputs[0])  # CFG's batch is [x_t, x_t]
+    with torch.no_grad():
+        moved = real_f_theta(m.student, z, y, m.schedule, param) - x0
+        eps_psi = _cfg_by_hand(m.teacher, x_t, t, y, m.uncond, 3.0, lora_on=False)
+        if loss == "vsd":
+            eps_phi = _cfg_by_hand(m.teacher, x_t, t, y, m.uncond, 1.5, lora_on=True)
+        else:
+            a, s = _alpha_sigma_by_hand(sd_root, t)
+            eps_phi = (x_t - a * x0) / s  # the noise x_t was drawn with
+    toward = -(eps_psi - eps_phi)
+    cosine = (moved * toward).sum() / (moved.norm() * toward.norm())
+    assert cosine > 0.3, cosine
+    if loss == "vsd":
+        ((loss_before, loss_after),) = [(before, again()) for before, again in lora_losses]
+        assert loss_after < loss_before
+
+
+@pytest.mark.parametrize("step_in_backward", [False, True], ids=["step", "step-in-backward"])
+@pytest.mark.parametrize("scale", [1e4, 1e-3], ids=["large", "small"])
+def test_each_network_steps_on_gradients_clipped_to_norm_1(sd_root, monkeypatch, scale, step_in_backward):
+    """The authors clip the student's and the LoRA teacher's gradients each to global norm 1 (max_grad_norm 1.0).
+    The gradients each Adam steps with, read inside its step, have norm min(n, 1), n their norm before clipping (the
+    logged one): with both losses scaled up (n >> 1: scaled down to 1) and down (n << 1: untouched), through the
+    student's two paths (the step after the backward, and --step-in-backward's per-parameter steps) and the LoRA's."""
+    m, cfg, state = _one_step(sd_root, step_in_backward=step_in_backward, lora_guidance=1.5)
+    for name in ("surrogate_loss", "diffusion_loss"):
+        real = getattr(sb, name)
+        monkeypatch.setattr(sb, name, lambda *a, real=real, **kw: scale * real(*a, **kw))
+    squares = {"student": 0.0, "lora": 0.0}  # each network's squared gradient norm, summed over its Adam steps
+    student = {id(p) for p in m.student.parameters()}
+    real_step = torch.optim.Adam.step
+
+    def step(opt, *a, **kw):
+        params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        network = "student" if id(params[0]) in student else "lora"
+        squares[network] += sum(float(p.grad.double().pow(2).sum()) for p in params)
+        return real_step(opt, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    logs = sb.train_step(m, cfg, state, nullcontext())
+    for network in ("student", "lora"):
+        before = logs[f"grad_norm_{network}"]
+        assert (before > 10) if scale > 1 else (0 < before < 0.1), (network, before)
+        assert abs(squares[network] ** 0.5 - min(before, 1.0)) < 1e-4 * min(before, 1.0), network
+
+
+def test_prompts_come_in_epochs_each_a_new_shuffle(sd_root):
+    """next_prompts: the prompts in the order of a permutation drawn from the loop's generator, then of a new one
+    each time one runs out: the concatenation of randperm draws, over five epochs of the 12 demo prompts in batches
+    of 5 that straddle the epochs' ends."""
+    cfg = sb.Config(model=sd_root, loss="sds", **BASE)
+    m = sb.load_models(cfg, CPU)
+    state = sb.start_training(cfg, m, CPU)
+    n = len(m.prompts)
+    drawn = torch.cat([sb.next_prompts(state, 5) for _ in range(12)])  # 60 = 5 epochs of 12
+    gen = torch.Generator().manual_seed(cfg.seed)
+    epochs = [torch.randperm(n, generator=gen) for _ in range(5)]
+    assert torch.equal(drawn, torch.cat(epochs))
+    assert all(sorted(e.tolist()) == list(range(n)) for e in epochs)
+    assert len({tuple(e.tolist()) for e in epochs}) == 5  # each epoch its own order
+
+
+def test_vsd_steps_change_the_student_and_the_lora_and_nothing_else(sd_root, tmp_path):
+    """What moves: the student and the LoRA (where they move to is the direction test's, above); the teacher's weights
+    stay bit for bit the file's and take no gradient; the first step's g is 0 (fresh LoRA), later ones not."""
     official = load_file(os.path.join(sd_root, UNET_FILE))
     m, _, log = run(sd_root, tmp_path / "vsd", 3)
     base = lora.base_state_dict(m.teacher)
@@ -326,22 +566,6 @@ def test_score_errors_are_logged_and_tell_the_two_scores_apart(sd_root, tmp_path
     assert all(k in row and np.isfinite(row[k]) and row[k] > 0 for row in log for k in keys)
     same = all(log[-1][f"mse_psi_t{t}"] == log[-1][f"mse_phi_t{t}"] for t in (100, 300, 500, 700, 900))
     assert same == (loss == "sds")  # SDS has no LoRA; VSD's LoRA has moved after a step
-
-
-def test_teacher_training_is_mse_in_the_models_own_output(sd_root_v):
-    """abar_weighted=False (plain DDPM training): a v model learns v = alpha_t eps - sigma_t x0, not eps."""
-    m = sb.load_models(sb.Config(model=sd_root_v, prompts="demo"), CPU)
-    x0, ctx = _x0_ctx(m)
-    loss = sb.diffusion_loss(m.teacher, x0, ctx, m.uncond, m.schedule, torch.Generator().manual_seed(3),
-                             p_uncond=0.0, abar_weighted=False)
-    gen = torch.Generator().manual_seed(3)
-    t = torch.randint(0, 1000, (2,), generator=gen)
-    eps = torch.randn(x0.shape, generator=gen)
-    abar = torch.tensor([_abar_by_hand(sd_root_v, int(i)) for i in t]).view(-1, 1, 1, 1)
-    a, s = abar.sqrt(), (1 - abar).sqrt()
-    with torch.no_grad():
-        v = m.teacher(a * x0 + s * eps, t, ctx)
-    assert abs(loss.item() - ((v - (a * eps - s * x0)) ** 2).mean().item()) < 1e-5 * loss.item()
 
 
 def test_resume_is_exact(sd_root, straight6, tmp_path):
@@ -601,19 +825,28 @@ def test_importing_loads_only_what_is_below(module, absent):
 # --teacher-precision) on the CPU
 
 
-@pytest.mark.parametrize("loss,param,teacher_precision", [("vsd", "x0", None), ("vsd", "eps", "bf16"),
-                                                          ("sds", "x0", "bf16"), ("sds", "eps", None)])
-def test_bf16_recipe_trains_on_the_cpu(sd_root, tmp_path, loss, param, teacher_precision):
-    """The teacher's weights fp32 by default, bf16 with --teacher-precision bf16, and never changed by training."""
+@pytest.mark.parametrize("loss,param,teacher_precision,cosine", [
+    ("vsd", "x0", None, 0.95), ("vsd", "eps", "bf16", None), ("sds", "x0", "bf16", 0.95), ("sds", "eps", None, 0.95)])
+def test_bf16_recipe_trains_on_the_cpu(sd_root, tmp_path, loss, param, teacher_precision, cosine):
+    """The teacher's weights fp32 by default, bf16 with --teacher-precision bf16, and never changed by training; the
+    student's two steps go where the fp32 recipe's go: the cosine of the two changes of its weights (measured: 0.99).
+    Not for VSD with a bf16 teacher (measured 0.19): its g, a small difference of two bf16 passes, is mostly rounding
+    at a LoRA this young (docs/memory.md#precision); that case is asserted to train, not where to."""
+    start = load_unet(sd_root).state_dict()
     teacher = load_unet(sd_root).to(sb.teacher_dtype(teacher_precision)).state_dict()
-    m, state, log = run(sd_root, tmp_path, 2, loss=loss, param=param, precision="bf16", checkpointing="on",
+    m, state, log = run(sd_root, tmp_path / "bf16", 2, loss=loss, param=param, precision="bf16", checkpointing="on",
                         teacher_precision=teacher_precision)
     assert all(math.isfinite(r["loss_student"]) for r in log) and len(log) == 2
     assert all(p.dtype == torch.float32 for p in m.student.parameters())  # fp32 master weights
     assert m.student.gradient_checkpointing and m.teacher.gradient_checkpointing
     base = {k: v for k, v in m.teacher.state_dict().items() if ".lora_" not in k}
     assert base.keys() == teacher.keys() and all(torch.equal(v, teacher[k]) for k, v in base.items())
-    assert not torch.equal(m.student.conv_out.weight, load_unet(sd_root).conv_out.weight)  # it trained
+    fp32 = run(sd_root, tmp_path / "fp32", 2, loss=loss, param=param)[0]
+    change = lambda student: torch.cat([(v - start[k]).flatten() for k, v in student.state_dict().items()])
+    bf16_change, fp32_change = change(m.student), change(fp32.student)
+    assert bf16_change.abs().max() > 0
+    if cosine is not None:
+        assert torch.nn.functional.cosine_similarity(bf16_change, fp32_change, dim=0) > cosine
 
 
 def test_checkpointing_auto_follows_the_plan(sd_root, tmp_path, monkeypatch):

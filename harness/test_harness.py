@@ -349,6 +349,19 @@ def test_hub_id_offline_then_from_a_placed_snapshot(sd_root, tmp_path, capsys):
 # --ablation, the default model, the flags that do not go together
 
 
+def _first_steps_follow_their_losses(out, folders):
+    """Each student of an ablation trained by its own loss, as its first step shows: a VSD student's first g is 0
+    (a fresh LoRA: eps_phi = eps_psi, the two CFG scales equal), so its first gradient is 0 and its weights stay the
+    start's, where an SDS student's g (eps_psi - eps) moves it at once; and no two students end with the same weights."""
+    ends = {}
+    for folder in folders:
+        log = checkpoint.read_log(out / folder)
+        assert (log[0]["grad_norm_student"] == 0) == folder.startswith("vsd"), (folder, log[0])
+        assert log[-1]["grad_norm_student"] > 0, folder
+        ends[folder] = load_file(out / folder / "unet" / "diffusion_pytorch_model.safetensors")["conv_out.weight"]
+    assert all(not torch.equal(ends[a], ends[b]) for a in folders for b in folders if a < b)
+
+
 def test_ablation_on_stable_diffusion(sd_root, tmp_path, capsys):
     out = tmp_path / "ablation"
     cli(cli_args(sd_root, out, 2) + ["--ablation", "--lr", "1e-4"])
@@ -361,6 +374,7 @@ def test_ablation_on_stable_diffusion(sd_root, tmp_path, capsys):
     for flags in sb.ABLATIONS["paper"]:  # everything but --loss / --param equal, the flags given included
         config = json.load(open(out / f"{flags['loss']}-{flags['param']}" / "swiftbrush.json"))["config"]
         assert {k: config[k] for k in flags} == flags and config["lr"] == 1e-4 and config["steps"] == 2
+    _first_steps_follow_their_losses(out, ["vsd-x0", "sds-x0", "vsd-eps"])
     assert Image.open(out / "grid.png").size[1] >= 3 * 8  # a row of 8x8 samples per student
     assert (out / "curves_student.png").exists() and (out / "curves_lora.png").exists()
     assert "already holds a checkpoint" in cli_error(cli_args(sd_root, out, 2) + ["--ablation"], capsys)
@@ -380,6 +394,7 @@ def test_ablation_beyond_the_paper_on_stable_diffusion(sd_root, tmp_path, capsys
         info = json.load(open(out / folder / "swiftbrush.json"))
         assert (info["student_steps"], info["config"]["loss"], info["config"]["student_init"]) == (steps, loss, init)
         assert info["config"]["steps"] == 2 and (out / folder / "export" / "pipeline").is_dir()
+    _first_steps_follow_their_losses(out, ["vsd-x0", "vsd-x0-k2", "vsd-x0-k4", "sds-x0", "vsd-x0-from-sds-x0"])
     pipeline = json.load(open(out / "vsd-x0-k4" / "export" / "pipeline" / "scheduler" / "scheduler_config.json"))
     assert pipeline["_class_name"] == "LCMScheduler" and pipeline["original_inference_steps"] == 4
 
