@@ -28,10 +28,12 @@ class LoRALinear(nn.Linear):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias  # shared, not copied: same keys, same memory
         self.rank, self.alpha, self.lora_enabled = rank, alpha, True
-        self.lora_down = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device)
-        self.lora_up = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device)
+        # drawn on the CPU, from its generator, then moved: one seed gives one LoRA on every device
+        self.lora_down = nn.Linear(base.in_features, rank, bias=False, device="cpu")
+        self.lora_up = nn.Linear(rank, base.out_features, bias=False, device="cpu")
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
+        self.lora_down.to(base.weight.device), self.lora_up.to(base.weight.device)
         return self
 
     def forward(self, x):

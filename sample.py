@@ -149,6 +149,9 @@ def load_generator(a):
     c = shape if shape and not a.resolution else latent_shape(teacher if student is None else student, vae, a.resolution)
     student = student.to(device) if student is not None else None
     steps = a.student_steps or (stored.steps if stored else 1)
+    if steps > 1 and stored and stored.param == "eps":  # as training refuses it (swiftbrush.check_recipe)
+        raise UsageError(f"--student-steps {steps}: {a.student} is an eps student (--param eps), whose output is no "
+                         f"x0 to re-noise: it samples in one step")
     return Generator(student, stored.param if stored else None, steps, student_schedule, teacher, vae, schedule,
                      tokenizer, encoder, encode_prompts(tokenizer, encoder, [""]), c, device)
 

@@ -187,7 +187,8 @@ def render(m, cfg, state):
     if cfg.student_steps > 1:  # one k for the whole batch; eps'_1..k: the re-noising of the chain's first k steps
         k = int(torch.randint(cfg.student_steps, (1,), generator=state["gen"]))
         renoise = [world.share(torch.randn((B, *m.latent_shape), generator=state["gen"])).to(device) for _ in range(k)]
-        x_t, t = backward_simulation(m.student, z, renoise, context, m.student_schedule, cfg.student_steps)
+        with torch.autocast(device.type, enabled=False):  # fp32, as sample.py and the exports run the chain (DMD2 too)
+            x_t, t = backward_simulation(m.student, z, renoise, context, m.student_schedule, cfg.student_steps)
     return f_theta(state["student_ddp"], x_t, context, m.student_schedule, cfg.param, t).float(), context
 
 
@@ -517,20 +518,37 @@ def score_precision(teacher, teacher_precision):
 
 
 @torch.no_grad()
-def student_samples(m, cfg, n_prompts=4, n_seeds=2):
-    """The student's images (one step, or its K) of the first prompts for fixed seeds: a row [n_prompts, 3, H, W]
-    per seed."""
+def student_samples(m, cfg, weights=None, n_prompts=4, n_seeds=2):
+    """The student's images (one step, or its K) of the first prompts for fixed seeds, in fp32 outside autocast as
+    sample.py and the exports make them: a row [n_prompts, 3, H, W] per seed. weights: a state dict the student runs
+    with instead of its own (its EMA); None: its own."""
     device = next(m.student.parameters()).device
+    student = m.student
+    if weights is not None:
+        weights = {k: v.to(device) for k, v in weights.items()}  # a UNet's fp32 weights, for the samples' moment
+
+        def student(*args):
+            return torch.func.functional_call(m.student, weights, args)
     context = m.embeddings[:n_prompts].to(device)
     rows = []
     for seed in range(n_seeds):
         gen = torch.Generator().manual_seed(seed)
         z, renoise = chain_noises((len(context), *m.latent_shape), cfg.student_steps, gen)
-        with autocast_for(device, cfg.precision):
-            x0 = k_step_x0(m.student, z.to(device), [eps.to(device) for eps in renoise], context, m.student_schedule,
-                           cfg.student_steps, cfg.param)
-            rows.append(to_images(m.vae, x0))
+        x0 = k_step_x0(student, z.to(device), [eps.to(device) for eps in renoise], context, m.student_schedule,
+                       cfg.student_steps, cfg.param)
+        rows.append(to_images(m.vae, x0))
     return rows
+
+
+def save_samples(m, cfg, state):
+    """The training grid: the student's rows, then its EMA's (the model a run exports) for the same seeds."""
+    ema = ema_caught_up(state, m.student, cfg.ema_decay)
+    rows = student_samples(m, cfg)
+    labels = ["student"] * len(rows)
+    if ema is not None:
+        rows += student_samples(m, cfg, ema)
+        labels += ["EMA"] * (len(rows) - len(labels))
+    save_grid(rows, os.path.join(cfg.out, "samples", f"step_{state['step']:06d}.png"), labels=labels)
 
 
 @torch.no_grad()
@@ -604,7 +622,7 @@ def train(cfg, models=None, progress=True):
             bar.update(1)
             bar.set_postfix({k[5:]: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss_")})
             if cfg.sample_every and state["step"] % cfg.sample_every == 0 and world.main:
-                save_grid(student_samples(m, cfg), os.path.join(cfg.out, "samples", f"step_{state['step']:06d}.png"))
+                save_samples(m, cfg, state)
             if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < cfg.steps:
                 log.flush()
                 save_run(cfg, m, state)
@@ -725,8 +743,9 @@ def main(argv=None):
                 del m, state  # one student in memory at a time
                 continue
             # no truth to score against: the losses, the speed, the samples and, with --eval-captions, COCO-2014
-            samples = torch.cat(student_samples(m, cfg))
-            del m, state  # one student in memory at a time (the evaluation loads it again from cfg.out)
+            ema = ema_caught_up(state, m.student, cfg.ema_decay)  # the exported student
+            samples = torch.cat(student_samples(m, cfg, ema))
+            del m, state, ema  # one student in memory at a time (the evaluation loads it again from cfg.out)
             numbers = {**loss_numbers(cfg), **(coco(cfg) if coco else {})}
             report.add(name, numbers, samples, curves=(run_label(cfg), read_log(cfg.out)))
         if not world.main:

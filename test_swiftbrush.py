@@ -88,6 +88,24 @@ def test_lora_identity_toggle_merge_and_files(sd_root, tmp_path):
         lora.inject_lora(net, rank=2, targets=("no_such_layer",))
 
 
+def test_lora_is_drawn_from_the_cpu_generator_on_every_device(sd_root):
+    """One seed, one LoRA, whatever the teacher's device: A is drawn on the CPU, then moved. A UNet on the meta
+    device (no values, the way a CUDA one would draw from another generator) takes the same CPU draws as one on the
+    CPU, so the CPU generator ends in the same state; kaiming-uniform's bound sqrt(1 / fan_in) holds."""
+    states, nets = [], []
+    for device in ("cpu", "meta"):
+        net = load_unet(sd_root).to(device)
+        torch.manual_seed(0)
+        lora.inject_lora(net, rank=4, alpha=8.0)
+        states.append(torch.get_rng_state())
+        nets.append(net)
+    assert torch.equal(*states) and not torch.equal(states[0], torch.manual_seed(0).get_state())
+    for _, m in lora.lora_layers(nets[1]):
+        assert m.lora_down.weight.device.type == m.lora_up.weight.device.type == "meta"
+    for _, m in lora.lora_layers(nets[0]):
+        assert 0 < m.lora_down.weight.abs().max() <= m.in_features ** -0.5 and not m.lora_up.weight.any()
+
+
 def test_lora_scale_is_alpha_over_r_as_loralib_and_peft():
     """W x + b + (alpha / r) B A x, loralib's `scaling = lora_alpha / r`, written out; peft's LoRA (rsLoRA off, its
     default) on the same weights gives the same output, and merging folds the same (alpha / r) B A into W."""
@@ -616,6 +634,10 @@ def test_sample_cli_writes_png(straight6, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         sample.main(["--student", str(tmp_path), "--prompt", "x", "--out", str(png)])
     assert "swiftbrush.json" in str(e.value.code) and "\n" not in str(e.value.code)
+    run(straight6[1].folder, tmp_path / "eps", 1, param="eps")  # sampling refuses what training refuses
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--student", str(tmp_path / "eps"), "--student-steps", "2", "--prompt", "x", "--out", str(png)])
+    assert "eps student" in str(e.value.code) and "\n" not in str(e.value.code)
 
 
 @pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
@@ -645,12 +667,22 @@ def test_ddim_matches_diffusers_scheduler(sd_root, sd_root_v, pred):
 # Beyond the paper: K-step students (--student-steps, backward simulation) and --student-init
 
 
+def test_trailing_timesteps_are_exactly_k_for_every_k():
+    """From T - 1 down, each once, exactly K of them for every K (np.arange's float step gave K + 1 for 62 K of 1000,
+    K = 61 the first, the last of them t = -1), with diffusers' values: DMD2's and LCM's 999, 749, 499, 249 for K = 4."""
+    assert models.trailing_timesteps(1000, 4) == [999, 749, 499, 249]
+    assert models.trailing_timesteps(1000, 3) == [999, 666, 332] and models.trailing_timesteps(1000, 1) == [999]
+    assert models.trailing_timesteps(1000, 61)[-3:] == [48, 32, 15]
+    for T in (1000, 1024):
+        for steps in range(1, T + 1):
+            ts = models.trailing_timesteps(T, steps)
+            assert len(ts) == steps and ts[0] == T - 1 and ts[-1] >= 0 and all(a > b for a, b in zip(ts, ts[1:]))
+
+
 @pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
 def test_k_step_student_is_its_chain_by_hand(sd_root, sd_root_v, pred):
     root = sd_root if pred == "epsilon" else sd_root_v
     m = sb.load_models(sb.Config(model=root, prompts="demo"), CPU)
-    assert models.trailing_timesteps(1000, 4) == [999, 749, 499, 249]  # DMD2's and LCM's for K = 4
-    assert models.trailing_timesteps(1000, 3) == [999, 666, 332] and models.trailing_timesteps(1000, 1) == [999]
     z, ctx = inputs(seed=5)
     renoise = list(torch.randn((2, *z.shape), generator=torch.Generator().manual_seed(6)))
     x, ts, x0s = z, [999, 666, 332], []
@@ -949,6 +981,51 @@ def test_sampling_runs_the_student_in_fp32_outside_autocast(straight6, tmp_path,
     monkeypatch.setattr(sample, "autocast_for", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
     sample.main(["--student", straight6[0], "--teacher-steps", "2", "--prompt", "a cat", "--out", str(tmp_path / "s.png")])
     assert seen == [(False, {torch.float32})]
+
+
+@pytest.mark.parametrize("K", [1, 2])
+def test_training_grids_are_the_fp32_student_and_its_ema(sd_root, tmp_path, K):
+    """The bf16 recipe's sample grid at step 4 is, pixel for pixel, the grid of the student and of its EMA (the model
+    a run exports) each run by sample.py's k_step_x0 in fp32 outside autocast: two rows each, for seeds 0 and 1."""
+    from harness.images import save_grid
+    m, state, _ = run(sd_root, tmp_path, 4, precision="bf16", sample_every=4, student_steps=K, ema_decay=0.9)
+    ema = copy.deepcopy(m.student)
+    ema.load_state_dict(state["ema"])  # updated at step 4 (EMA_EVERY is 2 in these runs)
+    assert not torch.equal(ema.conv_out.weight, m.student.conv_out.weight)
+    rows = []
+    for student in (m.student, ema):
+        for seed in (0, 1):
+            z, renoise = sb.chain_noises((4, *m.latent_shape), K, torch.Generator().manual_seed(seed))
+            with torch.no_grad():
+                x0 = sb.k_step_x0(student, z, renoise, m.embeddings[:4], m.schedule, K)
+            rows.append(sb.to_images(m.vae, x0))
+    want = save_grid(rows, tmp_path / "want.png", labels=["student", "student", "EMA", "EMA"])
+    got = Image.open(tmp_path / "samples" / "step_000004.png").convert("RGB")
+    assert np.array_equal(np.asarray(got), np.asarray(want.convert("RGB")))
+
+
+def test_the_k_step_chain_runs_in_fp32_under_the_bf16_recipe(sd_root):
+    """render's backward simulation (the student's no-grad steps to its step k + 1) as sample.py runs it, in fp32
+    outside autocast (DMD2 too), under the bf16 recipe's autocast; only the step with gradient runs in bf16."""
+    cfg = sb.Config(model=sd_root, student_steps=4, precision="bf16", **BASE)
+    m = sb.load_models(cfg, CPU)
+    state = sb.start_training(cfg, m, CPU)
+    chains, real = [], sb.backward_simulation
+
+    def backward_simulation(*args):
+        chains.append((args, real(*args)))
+        return chains[-1][1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sb, "backward_simulation", backward_simulation)
+        while not chains or not chains[-1][0][2]:  # until a batch draws k >= 1 (a chain with a step)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                x0, _ = sb.render(m, cfg, state)
+    args, (x_t, t) = chains[-1]
+    with torch.no_grad():
+        want_x_t, want_t = real(*args)
+    assert t == want_t and torch.equal(x_t, want_x_t) and x_t.dtype == torch.float32
+    assert x0.dtype == torch.float32  # f_theta returns fp32 (its eps in bf16 under autocast)
 
 
 def test_output_layer_runs_in_its_weights_dtype_under_autocast(sd_root):

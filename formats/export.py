@@ -75,8 +75,13 @@ def export_one_step(run, raw=False):
     prediction_type = info.get("student_prediction_type") or schedule.get("prediction_type", "epsilon")
     said = {"prediction_type": prediction_type}  # not in the tensors
     if steps > 1:
-        timesteps = trailing_timesteps(schedule.get("num_train_timesteps", 1000), steps)
+        T = schedule.get("num_train_timesteps", 1000)
+        timesteps = trailing_timesteps(T, steps)
         said |= {"student_steps": str(steps), "student_timesteps": json.dumps(timesteps)}
+        if lcm_timesteps(T, steps) != timesteps:
+            print(f"export: diffusers' LCMScheduler runs a {steps}-step student at t = {lcm_timesteps(T, steps)}, "
+                  f"training's are {timesteps}: pass timesteps={timesteps} to the pipeline for the trained student's "
+                  f"(sample.py reads them from the files)")
     out = os.path.join(run, "export-raw" if raw else "export")
     with atomic(out) as tmp:  # whole or not at all
         write_pipeline(unet_dir, teacher, os.path.join(tmp, "pipeline"), pipeline_scheduler(schedule, steps,
@@ -94,6 +99,14 @@ def export_one_step(run, raw=False):
         write_single_file(os.path.join(tmp, "student.safetensors"), unet, vae, text, family, extra, said)
         write_single_file(os.path.join(tmp, "student-unet.safetensors"), unet, family=family, metadata=said)
     return out
+
+
+def lcm_timesteps(T, steps):
+    """The timesteps diffusers' LCMScheduler gives the exported pipeline's `steps` steps (original_inference_steps =
+    steps, strength 1): k = T // steps apart, from steps * k - 1 down to k - 1. Training's trailing spacing only where
+    steps divides T (4 of 1000: 999, 749, 499, 249; 3 of 1000: 998, 665, 332 against 999, 666, 332)."""
+    k = T // steps
+    return [steps * k - 1 - i * k for i in range(steps)]
 
 
 def stored_dtype(teacher):

@@ -205,8 +205,10 @@ def scheduler_config(folder):
 
 def trailing_timesteps(T, steps):
     """`steps` of the T timesteps spaced as diffusers' "trailing" spacing, from T - 1 down (4 of 1000: 999, 749, 499,
-    249): a K-step student's, and a DDIM teacher's whose scheduler config asks for trailing spacing."""
-    return [int(t) for t in np.round(np.arange(T, 0, -T / steps)) - 1]
+    249): a K-step student's, and a DDIM teacher's whose scheduler config asks for trailing spacing. Exactly `steps`
+    of them: np.arange's float step gives one more for some (T, steps) (1000 and 61, 103, ...; diffusers' trailing
+    spacing runs that extra step), so the first `steps` are taken, diffusers' values."""
+    return [int(t) for t in np.round(np.arange(T, 0, -T / steps)[:steps]) - 1]
 
 
 def load_text(folder):

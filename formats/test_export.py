@@ -242,6 +242,21 @@ def test_k_step_student_resumes_exactly_and_its_pipeline_samples_our_k_steps(sd1
     assert rel_err(ours[0][0], one_step[0][0]) > 1e-3 and one_step[0][1] == "a red circle (1 step)"
 
 
+def test_lcm_timesteps_are_diffusers_lcm_schedulers_and_the_export_says_where_they_differ(sd1, tmp_path, capsys):
+    from diffusers import LCMScheduler
+    from formats.export import lcm_timesteps
+    for T in (1000, 1024):
+        for steps in range(2, 13):
+            lcm = LCMScheduler(num_train_timesteps=T, original_inference_steps=steps)
+            lcm.set_timesteps(steps)
+            assert lcm_timesteps(T, steps) == lcm.timesteps.tolist(), (T, steps)
+    run(sd1.root, tmp_path / "k3", 1, student_steps=3)
+    capsys.readouterr()
+    export_one_step(str(tmp_path / "k3"))
+    said = capsys.readouterr().out
+    assert "[998, 665, 332]" in said and "timesteps=[999, 666, 332]" in said
+
+
 def test_student_init_from_a_run_an_export_and_a_single_file_trains(sd1, tmp_path, capsys):
     ema = load_file(sd1.run / "unet_ema" / "diffusion_pytorch_model.safetensors")
     export = sd1.run / "export"

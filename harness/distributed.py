@@ -24,6 +24,7 @@ import os
 import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,10 @@ from torch.nn.parallel import DistributedDataParallel
 from harness.flags import UsageError
 
 ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+# How long a rank waits at a collective before the job fails: past rank 0's longest write, the checkpoint and the
+# exports (about 20 GB on SD 2.1-base, 17 minutes at 20 MB/s), while the others wait at the next barrier. NCCL's
+# default is 10 minutes.
+TIMEOUT = timedelta(hours=1)
 
 
 @dataclass(frozen=True)
@@ -72,7 +77,7 @@ class World:
             return
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
 
     def share(self, rows):
         """This rank's rows of a draw of the whole batch: rows[rank * n:(rank + 1) * n], n = len(rows) / size."""

@@ -329,3 +329,17 @@ def test_memory_plan_per_rank_is_the_docs_table(sd_root, monkeypatch):
         got = ["device" if plans[0]["EMA on the device"] else "CPU", f"{used[0]:.1f}", f"{used[1]:.1f}",
                "yes" if plans[0]["fits"] else "no"]
         assert got == want and plans[1]["fits"] == plans[0]["fits"], row
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_the_process_group_outlasts_rank_0s_longest_write(monkeypatch, device):
+    """NCCL's default timeout (10 minutes) is shorter than rank 0's checkpoint and exports on SD (about 20 GB) on a
+    slow disk, while the other ranks wait at the next collective: the group is made with an hour, on both backends."""
+    from harness.distributed import World
+    made = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: made.append((backend, kw)))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    World(0, 2, 0, 2).start(torch.device(device))
+    ((backend, kw),) = made
+    assert backend == ("nccl" if device == "cuda" else "gloo") and kw["timeout"].total_seconds() >= 3600
