@@ -115,6 +115,7 @@ class Schedule:
         self.config = c
         self.abar = torch.cumprod(1 - betas, 0).float()
         self.alpha, self.sigma = self.abar.sqrt(), (1 - self.abar).sqrt()
+        self.on_device = {}  # device -> (alpha, sigma) there, copied once
 
     def predicting(self, prediction_type):
         """This noise schedule for a UNet that predicts `prediction_type` (None: this one's), as a student started
@@ -124,9 +125,12 @@ class Schedule:
         return Schedule({**self.config, "prediction_type": prediction_type})
 
     def at(self, t, x):
-        """alpha_t, sigma_t shaped to broadcast against x."""
-        t = t.cpu()
-        return self.alpha[t].to(x.device).view(-1, 1, 1, 1), self.sigma[t].to(x.device).view(-1, 1, 1, 1)
+        """alpha_t, sigma_t shaped to broadcast against x, looked up on x's device: t is not read by the host."""
+        if x.device not in self.on_device:
+            self.on_device[x.device] = (self.alpha.to(x.device), self.sigma.to(x.device))
+        alpha, sigma = self.on_device[x.device]
+        t = t.to(x.device)
+        return alpha[t].view(-1, 1, 1, 1), sigma[t].view(-1, 1, 1, 1)
 
     def target(self, x0, eps, t):
         """What the UNet learns to output: eps, or v = alpha_t eps - sigma_t x_0 (Salimans & Ho 2022)."""
@@ -182,12 +186,12 @@ def render(m, cfg, state):
     all drawn here, in this order: the prompts, z, k, the chain's noises."""
     device, world, B = next(m.student.parameters()).device, state["world"], cfg.batch_size  # B: over every rank
     context = m.embeddings[world.share(next_prompts(state, B))].to(device)
-    z = world.share(torch.randn((B, *m.latent_shape), generator=state["gen"])).to(device)
+    z = world.share(torch.randn((B, *m.latent_shape), generator=state["gen"]), device)
     x_t, t = z, None  # the one-step student's input: x_T = z
     if cfg.student_steps > 1:  # one k for the whole batch; eps'_1..k: the re-noising of the chain's first k steps
         k = int(torch.randint(cfg.student_steps, (1,), generator=state["gen"]))
-        renoise = [world.share(torch.randn((B, *m.latent_shape), generator=state["gen"])).to(device) for _ in range(k)]
-        with torch.autocast(device.type, enabled=False):  # fp32, as sample.py and the exports run the chain (DMD2 too)
+        renoise = [world.share(torch.randn((B, *m.latent_shape), generator=state["gen"]), device) for _ in range(k)]
+        with torch.autocast(autocast_kind(device), enabled=False):  # fp32, as sample.py runs the chain (DMD2 too)
             x_t, t = backward_simulation(m.student, z, renoise, context, m.student_schedule, cfg.student_steps)
     return f_theta(state["student_ddp"], x_t, context, m.student_schedule, cfg.param, t).float(), context
 
@@ -206,8 +210,8 @@ def score_gradient(m, cfg, x0, context, gen, world=ONE):
     """Steps 2-3 of Algorithm 1: g = w(t) (eps_psi - eps_phi) (Eq. 5, VSD) or w(t) (eps_psi - eps) (Eq. 2, SDS)."""
     B, schedule = len(x0) * world.size, m.schedule  # the whole batch: every rank draws all of it, keeps its share
     lo, hi = STUDENT_T
-    t = world.share(torch.randint(int(lo * schedule.T), int(hi * schedule.T) + 1, (B,), generator=gen)).to(x0.device)
-    eps = world.share(torch.randn((B, *x0.shape[1:]), generator=gen)).to(x0.device)
+    t = world.share(torch.randint(int(lo * schedule.T), int(hi * schedule.T) + 1, (B,), generator=gen), x0.device)
+    eps = world.share(torch.randn((B, *x0.shape[1:]), generator=gen), x0.device)
     alpha_t, sigma_t = schedule.at(t, x0)
     x_t = alpha_t * x0 + sigma_t * eps  # Eq. 1
     uncond = m.uncond.to(x0.device)
@@ -238,9 +242,9 @@ def diffusion_loss(unet, x0, context, uncond, schedule, gen, p_uncond=P_UNCOND, 
     The prompt is dropped to "" with probability p_uncond so the unconditional branch used by CFG keeps
     learning the student's distribution too."""
     B = len(x0) * world.size  # the whole batch, as in score_gradient
-    t = world.share(torch.randint(0, schedule.T, (B,), generator=gen)).to(x0.device)
-    eps = world.share(torch.randn((B, *x0.shape[1:]), generator=gen)).to(x0.device)
-    drop = (world.share(torch.rand(B, generator=gen)) < p_uncond).to(x0.device).view(-1, 1, 1)
+    t = world.share(torch.randint(0, schedule.T, (B,), generator=gen), x0.device)
+    eps = world.share(torch.randn((B, *x0.shape[1:]), generator=gen), x0.device)
+    drop = world.share(torch.rand(B, generator=gen) < p_uncond, x0.device).view(-1, 1, 1)
     context = torch.where(drop, uncond.to(x0.device).expand_as(context), context)
     alpha_t, sigma_t = schedule.at(t, x0)
     x_t = alpha_t * x0.detach() + sigma_t * eps
@@ -251,7 +255,9 @@ def diffusion_loss(unet, x0, context, uncond, schedule, gen, p_uncond=P_UNCOND, 
 
 
 def train_step(m, cfg, state, autocast):
-    """Algorithm 1, one iteration (over cfg.grad_accum micro-batches). Returns the numbers to log.
+    """Algorithm 1, one iteration (over cfg.grad_accum micro-batches). Returns the numbers to log as tensors on the
+    device: nothing here reads a value back to the host, so it queues its kernels without waiting (fetch_logs reads
+    them, once a step).
 
     The student is stepped (its gradients freed) before the LoRA pass: one UNet of gradients less at the peak; with
     --step-in-backward (one micro-batch) it is stepped inside its backward, its gradients never held whole."""
@@ -264,13 +270,13 @@ def train_step(m, cfg, state, autocast):
                 g = score_gradient(m, cfg, x0.detach(), context, state["gen"], world)  # steps 2-3
             loss = surrogate_loss(x0, g)                                         # step 4: d loss / d x0 = g / N
             if cfg.step_in_backward:
-                logs["grad_norm_student"] = clip_and_step_in_backward(state["opt_student"], loss, state, MAX_GRAD_NORM)
+                logs["grad_norm_student"] = clip_and_step_in_backward(state["opt_student"], loss, MAX_GRAD_NORM)
             else:
                 (loss / cfg.grad_accum).backward()
-        logs["loss_student"] += world.mean(loss.item()) / cfg.grad_accum      # the whole batch's, on every rank
+        logs["loss_student"] += loss.detach().double() / cfg.grad_accum          # this rank's rows' (fetch_logs: all)
         renders.append((x0.detach(), context))
     if not cfg.step_in_backward:
-        logs["grad_norm_student"] = clip_and_step(state["opt_student"], "student", logs["loss_student"], state)
+        logs["grad_norm_student"] = clip_and_step(state["opt_student"])
     if cfg.loss == "vsd":                                                        # step 5: Eq. 6 on sg(x0)
         for k in range(cfg.lora_steps):
             if k > 0:  # the two time-scale update (DMD2): each further LoRA step on fresh renders of the student
@@ -283,19 +289,34 @@ def train_step(m, cfg, state, autocast):
                         loss_phi = diffusion_loss(state["teacher_ddp"], x0, context, m.uncond, m.schedule,
                                                   state["gen"], abar_weighted=cfg.lora_loss == "abar", world=world)
                     (loss_phi / cfg.grad_accum).backward()
-                logs["loss_lora"] += world.mean(loss_phi.item()) / cfg.grad_accum
-            logs["grad_norm_lora"] = clip_and_step(state["opt_lora"], "lora", logs["loss_lora"], state)
+                logs["loss_lora"] += loss_phi.detach().double() / cfg.grad_accum
+            logs["grad_norm_lora"] = clip_and_step(state["opt_lora"])
     return logs
 
 
-def clip_and_step(opt, name, loss, state):
-    """Adam step on gradients clipped to MAX_GRAD_NORM, once loss and gradient are known finite; returns the norm."""
-    check_finite(f"loss_{name}", loss, state)
-    norm = torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], MAX_GRAD_NORM).item()
-    check_finite(f"the {name} gradient norm", norm, state)
+def clip_and_step(opt):
+    """Adam step on gradients clipped to MAX_GRAD_NORM; returns their norm before clipping (a tensor). A norm that
+    is not finite makes fused Adam skip the update on the device (its found_inf), so a diverged step leaves the
+    weights and Adam's state as they were, and the host need not look before the step (fetch_logs then stops the
+    run)."""
+    norm = torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], MAX_GRAD_NORM)
+    opt.found_inf = (~torch.isfinite(norm)).float()
     opt.step()
     opt.zero_grad(set_to_none=True)
     return norm
+
+
+def fetch_logs(logs, state):
+    """The step's logged numbers read back in one transfer, the step's one host sync, the losses averaged over the
+    ranks (the gradient norms are the same on every rank); a number that is not finite stops the run, on every rank
+    at the same step, with the checkpoint on disk the last good one."""
+    world = state["world"]
+    names = list(logs)
+    values = [world.mean(logs[k]) if k.startswith("loss_") else logs[k].double() for k in names]
+    numbers = dict(zip(names, torch.stack(values).tolist()))
+    for name, value in numbers.items():
+        check_finite(name, value, state)
+    return numbers
 
 
 def next_prompts(state, n):
@@ -324,7 +345,7 @@ def backward_simulation(student, z, renoise, context, schedule, K):
     with torch.no_grad():
         for t, t_next, eps in zip(ts, ts[1:], renoise):
             x0 = f_theta(student, x_t, context, schedule, t=t)
-            alpha, sigma = schedule.at(torch.tensor([t_next]), x0)
+            alpha, sigma = schedule.at(torch.full((1,), t_next, device=x0.device), x0)
             x_t = alpha * x0 + sigma * eps  # Eq. 1 at the next timestep, with fresh noise
     return x_t, ts[len(renoise)]
 
@@ -491,6 +512,12 @@ def autocast_for(device, precision=None):
     return torch.autocast(device.type, dtype=torch.bfloat16) if uses_bf16(precision, device) else nullcontext()
 
 
+def autocast_kind(device):
+    """The device type autocast is set for: the meta device's (where the memory plan and the tests run the step
+    without data) is the CPU's."""
+    return "cpu" if device.type == "meta" else device.type
+
+
 def teacher_dtype(teacher_precision):
     """--teacher-precision: the frozen teacher's weights, fp32 by default (docs/memory.md#precision), bf16 for speed."""
     return torch.bfloat16 if teacher_precision == "bf16" else torch.float32
@@ -503,7 +530,7 @@ def score_precision(teacher, teacher_precision):
     their difference, a few % of eps, and rounding in the UNet's body does not cancel between the two passes, so
     fewer mantissa bits than fp32's make g's error a large share of g (docs/memory.md#precision)."""
     weight = next(teacher.parameters())
-    kind = "cpu" if weight.device.type == "meta" else weight.device.type
+    kind = autocast_kind(weight.device)
     if weight.dtype in (torch.bfloat16, torch.float16):
         with torch.autocast(kind, dtype=weight.dtype):
             yield
@@ -611,7 +638,7 @@ def train(cfg, models=None, progress=True):
           data_parallel(state, world, device)):  # over N ranks, DDP's wrappers, released at the end
         while not world.stops(caught) and state["step"] < cfg.steps:  # every rank stops after the same step
             t0 = time.time()
-            logs = train_step(m, cfg, state, autocast)
+            logs = fetch_logs(train_step(m, cfg, state, autocast), state)
             count_step(m, cfg, state)
             logs = {"step": state["step"], **logs, "sec_per_step": round(time.time() - t0, 4),
                     "peak_gb": peak_gb(device)}

@@ -267,6 +267,24 @@ def test_sds_gradient_by_hand(vsd_models, sd_root):
     assert rel_err(s ** 2 * (eps_psi - eps), g) < 1e-4
 
 
+def test_dmd_weighting_by_hand(vsd_models, sd_root):
+    """--weighting dmd (DMD, Yin et al. 2024): g = (x0_phi - x0_psi) / mean |x0 - x0_psi| written in eps, i.e.
+    w = sigma_t / alpha_t / mean_chw |x0 - x0_psi| per sample, x0_psi = (x_t - sigma_t eps_psi) / alpha_t."""
+    m = vsd_models
+    _perturb_lora(m.teacher)
+    x0, ctx = _x0_ctx(m)
+    cfg = sb.Config(loss="vsd", guidance=3.0, lora_guidance=1.5, weighting="dmd")
+    g = sb.score_gradient(m, cfg, x0, ctx, torch.Generator().manual_seed(5))
+    t, eps, a, s = _student_draws(sd_root, x0, seed=5)
+    x_t = a * x0 + s * eps
+    with torch.no_grad():
+        eps_psi = _cfg_by_hand(m.teacher, x_t, t, ctx, m.uncond, 3.0, lora_on=False)
+        eps_phi = _cfg_by_hand(m.teacher, x_t, t, ctx, m.uncond, 1.5, lora_on=True)
+    x0_psi, x0_phi = (x_t - s * eps_psi) / a, (x_t - s * eps_phi) / a
+    normaliser = torch.stack([(x0[i] - x0_psi[i]).abs().mean() for i in range(len(x0))]).view(-1, 1, 1, 1)
+    assert rel_err((x0_phi - x0_psi) / normaliser, g) < 1e-4
+
+
 @pytest.mark.parametrize("loss", ["vsd", "sds"])
 def test_surrogate_loss_gradient_is_g(vsd_models, loss):
     """Step 4: d/dx0 0.5 mean ||x0 - sg(x0 - g)||^2 = +g / N, so gradient descent moves x0 along -g; and through the
@@ -428,11 +446,62 @@ def test_each_network_steps_on_gradients_clipped_to_norm_1(sd_root, monkeypatch,
         return real_step(opt, *a, **kw)
 
     monkeypatch.setattr(torch.optim.Adam, "step", step)
-    logs = sb.train_step(m, cfg, state, nullcontext())
+    logs = sb.fetch_logs(sb.train_step(m, cfg, state, nullcontext()), state)
     for network in ("student", "lora"):
         before = logs[f"grad_norm_{network}"]
         assert (before > 10) if scale > 1 else (0 < before < 0.1), (network, before)
         assert abs(squares[network] ** 0.5 - min(before, 1.0)) < 1e-4 * min(before, 1.0), network
+
+
+@pytest.mark.parametrize("kw", [{}, {"loss": "sds"}, {"param": "eps"}, {"student_steps": 2, "grad_accum": 2,
+                                                                         "lora_steps": 2}, {"step_in_backward": True}],
+                         ids=["vsd", "sds", "eps", "k2-accum2-lora2", "step-in-backward"])
+def test_a_training_step_reads_nothing_back_from_the_device(sd_root, kw):
+    """Every kernel of a step queued without the host waiting on the device: train_step on models on the meta device,
+    where a tensor holds no data and any read of one (.item(), .cpu(), .tolist(), float(), an if on a tensor, a copy
+    to the CPU) raises. The step's draws go there, the schedule is looked up there, the clipping norms and the losses
+    stay there, and each optimiser is given its skip flag (fused Adam's found_inf) there; fetch_logs is the one read,
+    once a step. (Adam's own step is stubbed: the fused kernel has no meta version.)"""
+    meta = torch.device("meta")
+    cfg = sb.Config(model=sd_root, **{**BASE, "ema_decay": 0, **kw})
+    m = sb.load_models(cfg, CPU)
+    state = sb.start_training(cfg, m, meta)
+    flags = []
+    for opt in filter(None, (state["opt_student"], state["opt_lora"])):
+        for one in getattr(opt, "optimisers", {None: opt}).values():  # --step-in-backward: one per parameter
+            one.step = lambda one=one: flags.append(one.found_inf)
+    logs = sb.train_step(m, cfg, state, nullcontext())
+    assert set(logs) == {"loss_student", "grad_norm_student"} | ({"loss_lora", "grad_norm_lora"} if "loss" not in kw
+                                                                  else set())
+    assert flags and all(t.device == meta for t in [*logs.values(), *flags])
+    with pytest.raises(NotImplementedError, match="meta"):
+        sb.fetch_logs(logs, state)
+
+
+@pytest.mark.parametrize("step_in_backward", [False, True], ids=["step", "step-in-backward"])
+def test_a_diverged_step_changes_no_weight_and_stops_the_run(sd_root, monkeypatch, step_in_backward):
+    """Gradients that are not finite (both losses made NaN) skip both Adam updates on the device, so the student, the
+    LoRA and both Adams' states are bit for bit what they were; fetch_logs then names the first number that is not
+    finite and the step."""
+    m, cfg, state = _one_step(sd_root, step_in_backward=step_in_backward, lora_guidance=1.5)
+    sb.fetch_logs(sb.train_step(m, cfg, state, nullcontext()), state)  # one good step: Adam has a state
+    sb.count_step(m, cfg, state)
+    before = {k: v.clone() for k, v in {**m.student.state_dict(), **m.teacher.state_dict()}.items()}
+
+    def adam():  # every tensor of both Adams' states: step, m, v
+        states = [*state["opt_student"].state_dict()["state"].values(), *state["opt_lora"].state_dict()["state"].values()]
+        return [v.clone() for per_parameter in states for v in per_parameter.values()]
+
+    adam_before = adam()
+    for name in ("surrogate_loss", "diffusion_loss"):
+        real = getattr(sb, name)
+        monkeypatch.setattr(sb, name, lambda *a, real=real, **kw: real(*a, **kw) * float("nan"))
+    logs = sb.train_step(m, cfg, state, nullcontext())
+    with pytest.raises(sb.TrainingDiverged, match="loss_student became nan at step 2"):
+        sb.fetch_logs(logs, state)
+    after = {**m.student.state_dict(), **m.teacher.state_dict()}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert len(adam_before) > 3 and all(torch.equal(a, b) for a, b in zip(adam(), adam_before, strict=True))
 
 
 def test_prompts_come_in_epochs_each_a_new_shuffle(sd_root):
@@ -669,7 +738,8 @@ def test_ddim_matches_diffusers_scheduler(sd_root, sd_root_v, pred):
 
 def test_trailing_timesteps_are_exactly_k_for_every_k():
     """From T - 1 down, each once, exactly K of them for every K (np.arange's float step gave K + 1 for 62 K of 1000,
-    K = 61 the first, the last of them t = -1), with diffusers' values: DMD2's and LCM's 999, 749, 499, 249 for K = 4."""
+    K = 61 the first, the last of them t = -1), with diffusers' values: DMD2's and LCM's 999, 749, 499, 249 for
+    K = 4."""
     assert models.trailing_timesteps(1000, 4) == [999, 749, 499, 249]
     assert models.trailing_timesteps(1000, 3) == [999, 666, 332] and models.trailing_timesteps(1000, 1) == [999]
     assert models.trailing_timesteps(1000, 61)[-3:] == [48, 32, 15]
@@ -1107,10 +1177,10 @@ def test_step_in_backward_clips_as_clip_grad_norm(sd_root):
         x0, context = sb.render(m, cfg, state)
         loss = 1e4 * sb.surrogate_loss(x0, sb.score_gradient(m, cfg, x0.detach(), context, state["gen"]))
         if in_backward:
-            norms[in_backward] = sb.clip_and_step_in_backward(state["opt_student"], loss, state)
+            norms[in_backward] = sb.clip_and_step_in_backward(state["opt_student"], loss).item()
         else:
             loss.backward()
-            norms[in_backward] = sb.clip_and_step(state["opt_student"], "student", loss.item(), state)
+            norms[in_backward] = sb.clip_and_step(state["opt_student"]).item()
         adam_state = state["opt_student"].state_dict()["state"]
         first_m[in_backward] = torch.cat([adam_state[i]["exp_avg"].flatten() for i in sorted(adam_state)])
     assert norms[True] == norms[False] > 100

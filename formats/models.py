@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from harness.atomic import atomic
+from harness.distributed import to_device
 from harness.flags import UsageError
 from unet import WeightsError
 
@@ -251,5 +252,5 @@ def encode_prompts(tokenizer, encoder, prompts, batch_size=64):
         ids = tokenizer(prompts[i:i + batch_size], padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids
         with torch.autocast(device.type, enabled=False):  # in the encoder's dtype (fp32), also inside training's
-            out.append(encoder(ids.to(device)).last_hidden_state.float())
+            out.append(encoder(to_device(ids, device)).last_hidden_state.float())
     return torch.cat(out)

@@ -79,17 +79,23 @@ class World:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
 
-    def share(self, rows):
-        """This rank's rows of a draw of the whole batch: rows[rank * n:(rank + 1) * n], n = len(rows) / size."""
-        if self.size == 1:
-            return rows
-        n = len(rows) // self.size
-        return rows[self.rank * n:(self.rank + 1) * n]
+    def share(self, rows, device=None):
+        """This rank's rows of a draw of the whole batch, rows[rank * n:(rank + 1) * n], n = len(rows) / size; on
+        `device` (to_device) if given."""
+        if self.size > 1:
+            n = len(rows) // self.size
+            rows = rows[self.rank * n:(self.rank + 1) * n]
+        return rows if device is None else to_device(rows, device)
 
     def mean(self, value):
-        """The mean over the ranks of a number each one has (a loss over its rows: the whole batch's)."""
+        """The mean over the ranks of what each one has (a loss over its rows: the whole batch's): a number, or a
+        tensor on the training device, reduced there without the host reading it."""
         if self.size == 1:
             return value
+        if torch.is_tensor(value):
+            total = value.clone()
+            dist.all_reduce(total, dist.ReduceOp.SUM)
+            return total / self.size
         return self._all_reduce([value], dist.ReduceOp.SUM)[0] / self.size
 
     def stops(self, caught):
@@ -142,6 +148,14 @@ class World:
 
 
 ONE = World()  # one process
+
+
+def to_device(x, device):
+    """A tensor made on the CPU (the step's random draws, token ids) on `device` without the host waiting for it: on
+    CUDA pinned, then copied asynchronously, where a plain copy would first wait for every kernel queued before it."""
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
 
 
 def check_world(cfg, world):

@@ -352,7 +352,8 @@ def test_hub_id_offline_then_from_a_placed_snapshot(sd_root, tmp_path, capsys):
 def _first_steps_follow_their_losses(out, folders):
     """Each student of an ablation trained by its own loss, as its first step shows: a VSD student's first g is 0
     (a fresh LoRA: eps_phi = eps_psi, the two CFG scales equal), so its first gradient is 0 and its weights stay the
-    start's, where an SDS student's g (eps_psi - eps) moves it at once; and no two students end with the same weights."""
+    start's, where an SDS student's g (eps_psi - eps) moves it at once; and no two students end with the same
+    weights."""
     ends = {}
     for folder in folders:
         log = checkpoint.read_log(out / folder)

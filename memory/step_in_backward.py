@@ -15,12 +15,12 @@ from contextlib import contextmanager
 
 import torch
 
-from harness.checkpoint import check_finite
 
 
-def clip_and_step_in_backward(opt, loss, state, max_norm=1.0):
-    """The student's clip-and-step (`opt`: an OptimiserPerParameter) inside its backward; returns the norm."""
-    check_finite("loss_student", loss.item(), state)
+def clip_and_step_in_backward(opt, loss, max_norm=1.0):
+    """The student's clip-and-step (`opt`: an OptimiserPerParameter) inside its backward; returns the norm before
+    clipping, a tensor. As swiftbrush.clip_and_step: a norm that is not finite skips every parameter's update on the
+    device (fused Adam's found_inf), and nothing is read back to the host."""
     norms = {}  # p -> the norm of p's gradient: one scalar per parameter
 
     def keep_norm(p):
@@ -30,8 +30,10 @@ def clip_and_step_in_backward(opt, loss, state, max_norm=1.0):
         loss.backward(retain_graph=True)
     in_order = [norms[p] for p in opt.params if p in norms]  # clip_grad_norm_'s order, so its rounding too
     norm = torch.linalg.vector_norm(torch.stack(in_order))   # the norm of the norms, as clip_grad_norm_
-    check_finite("the student gradient norm", norm.item(), state)
     clip = torch.clamp(max_norm / (norm + 1e-6), max=1.0)    # clip_grad_norm_'s factor
+    found_inf = (~torch.isfinite(norm)).float()
+    for one in opt.optimisers.values():
+        one.found_inf = found_inf
 
     def clip_and_step_one(p):
         p.grad.mul_(clip)
@@ -39,7 +41,7 @@ def clip_and_step_in_backward(opt, loss, state, max_norm=1.0):
 
     with each_gradient(opt.params, clip_and_step_one):
         loss.backward()
-    return norm.item()
+    return norm
 
 
 class OptimiserPerParameter:

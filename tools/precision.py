@@ -179,6 +179,44 @@ def measure(m, cfg, x0, z, context, seed=0):
                for name in TEACHER_PASSES}}
 
 
+def over_draws(m, cfg, draw, n_draws):
+    """What a precision of the teacher's passes does to what the student learns, over n_draws independent draws
+    (draw(d) -> x0, z, y; score_gradient's own t and noise from seed d): with G the student's gradient on fp64's g and
+    G_p on precision p's, e_p = G_p - G. Returns {"effect": the mean effect, "sampling": E||G - E G||^2, the variance
+    a draw of this batch already has; name: (the added variance E||e_p - E e_p||^2 as a share of the sampling
+    variance, the bias |E e_p| in units of its own noise floor sqrt(E||e_p - E e_p||^2 / n_draws), about 1 where
+    there is none)}. Both variances are per sample over the batch's rows, so their ratio holds at any batch: an added
+    share r makes a batch of 16 as noisy as one of 16 / (1 + r)."""
+    sums = {}  # name -> [sum of the vectors, sum of their squared norms]
+    effects = []
+
+    def add(name, v):
+        total = sums.setdefault(name, [torch.zeros_like(v), 0.0])
+        total[0] += v
+        total[1] += v.square().sum().item()
+
+    for d in range(n_draws):
+        x0, z, context = draw(d)
+        g_ref, psi, phi = g_of(m, cfg, x0, context, "fp64", seed=d)
+        effects.append(relative(phi, psi))
+        gradient = StudentGradient(m.student, z, context, m.schedule)
+        G = gradient(g_ref)
+        add("fp64", G)
+        for name in TEACHER_PASSES:
+            add(name, gradient(g_of(m, cfg, x0, context, name, seed=d)[0]) - G)
+    spread = {name: variance(total, squares, n_draws) for name, (total, squares) in sums.items()}
+    sampling = spread["fp64"][1]
+    return {"effect": sum(effects) / n_draws, "sampling": sampling,
+            **{name: (spread[name][1] / sampling, spread[name][0].norm().item() / (spread[name][1] / n_draws) ** 0.5)
+               for name in TEACHER_PASSES}}
+
+
+def variance(total, squares, n):
+    """(the mean vector, E||v - E v||^2, unbiased) of n vectors from their sum and the sum of their squared norms."""
+    mean = total / n
+    return mean, (squares - n * mean.square().sum().item()) / (n - 1)
+
+
 # --------------------------------------------------------------------------------------------------
 # The SD-shaped UNet: a random teacher, a random LoRA scaled to each effect size
 

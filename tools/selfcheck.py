@@ -91,7 +91,7 @@ def run_iterations(m, cfg, state, device, iterations):
     autocast = sb.autocast_for(device, cfg.precision)
 
     def iteration():
-        sb.train_step(m, cfg, state, autocast)
+        sb.fetch_logs(sb.train_step(m, cfg, state, autocast), state)
         sb.count_step(m, cfg, state)
 
     with FlopCounterMode(display=False) as counter:
