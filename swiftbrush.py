@@ -82,7 +82,8 @@ class Config:
     diagnose_every: int = 500      # log the LoRA teacher's and the teacher's eps-MSE on the student's samples
     device: str = None             # default: cuda if available
     precision: str = None          # bf16: the GPU recipe (default on CUDA) | fp32 (default on the CPU)
-    teacher_precision: str = None  # eps_psi's and eps_phi's passes: fp32 (default) | tf32 | bf16: faster, less exact
+    teacher_precision: str = None  # eps_psi's and eps_phi's passes: tf32 (default: fp32 weights, on CUDA's TF32)
+                                   # | fp32 (TF32 off) | bf16 (faster, a noisier g: docs/memory.md#precision)
     checkpointing: str = "auto"    # gradient checkpointing: auto (where the memory plan says it is needed) | on | off
     step_in_backward: bool = False # the student's Adam step inside its backward: its gradients never held whole
     # Beyond the paper (docs/training.md#beyond-the-paper-k-step-students-and-other-starts)
@@ -215,7 +216,7 @@ def score_gradient(m, cfg, x0, context, gen, world=ONE):
     alpha_t, sigma_t = schedule.at(t, x0)
     x_t = alpha_t * x0 + sigma_t * eps  # Eq. 1
     uncond = m.uncond.to(x0.device)
-    with torch.no_grad(), score_precision(m.teacher, cfg.teacher_precision):  # fp32 by default: g is a small difference
+    with torch.no_grad(), score_precision(m.teacher, cfg.teacher_precision):  # fp32 weights, TF32 on CUDA by default
         with lora_disabled(m.teacher):
             eps_psi = eps_cfg(m.teacher, x_t, t, context, uncond, cfg.guidance, schedule)
         if cfg.loss == "sds":
@@ -519,16 +520,17 @@ def autocast_kind(device):
 
 
 def teacher_dtype(teacher_precision):
-    """--teacher-precision: the frozen teacher's weights, fp32 by default (docs/memory.md#precision), bf16 for speed."""
+    """--teacher-precision: the frozen teacher's weights, fp32 by default (tf32 and fp32), bf16 with bf16."""
     return torch.bfloat16 if teacher_precision == "bf16" else torch.float32
 
 
 @contextmanager
 def score_precision(teacher, teacher_precision):
     """The no-grad passes eps_psi and eps_phi in the teacher's dtype: a bf16 teacher under bf16 autocast; an fp32 one
-    without autocast, in fp32 (TF32 off) or, with --teacher-precision tf32, on CUDA's TF32 tensor cores. VSD's g is
-    their difference, a few % of eps, and rounding in the UNet's body does not cancel between the two passes, so
-    fewer mantissa bits than fp32's make g's error a large share of g (docs/memory.md#precision)."""
+    without autocast, on CUDA's TF32 tensor cores (the default, tf32) or with TF32 off (fp32). VSD's g is their
+    difference, a few % of eps, and rounding in the UNet's body does not cancel between the two passes: it adds
+    zero-mean noise to g, no bias, which on an SD-shaped UNet TF32 keeps at 1.7% of a draw's own variance at a 3% LoRA
+    effect, bf16 at 440% (docs/memory.md#precision: the rule, and the numbers at every effect)."""
     weight = next(teacher.parameters())
     kind = autocast_kind(weight.device)
     if weight.dtype in (torch.bfloat16, torch.float16):
@@ -536,7 +538,7 @@ def score_precision(teacher, teacher_precision):
             yield
         return
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = teacher_precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = teacher_precision != "fp32"
     try:
         with torch.autocast(kind, enabled=False):
             yield
@@ -550,12 +552,7 @@ def student_samples(m, cfg, weights=None, n_prompts=4, n_seeds=2):
     sample.py and the exports make them: a row [n_prompts, 3, H, W] per seed. weights: a state dict the student runs
     with instead of its own (its EMA); None: its own."""
     device = next(m.student.parameters()).device
-    student = m.student
-    if weights is not None:
-        weights = {k: v.to(device) for k, v in weights.items()}  # a UNet's fp32 weights, for the samples' moment
-
-        def student(*args):
-            return torch.func.functional_call(m.student, weights, args)
+    student = m.student if weights is None else running_with(m.student, weights)
     context = m.embeddings[:n_prompts].to(device)
     rows = []
     for seed in range(n_seeds):
@@ -565,6 +562,14 @@ def student_samples(m, cfg, weights=None, n_prompts=4, n_seeds=2):
                        cfg.student_steps, cfg.param)
         rows.append(to_images(m.vae, x0))
     return rows
+
+
+def running_with(unet, weights):
+    """`unet` as a function of its inputs that runs with `weights` (a state dict, moved to its device for as long as
+    the function lives: a UNet's fp32 weights) in place of its own, which stay as they are."""
+    device = next(unet.parameters()).device
+    weights = {k: v.to(device) for k, v in weights.items()}
+    return lambda *inputs: torch.func.functional_call(unet, weights, inputs)
 
 
 def save_samples(m, cfg, state):

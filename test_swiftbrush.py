@@ -978,11 +978,11 @@ def test_checkpointing_may_change_on_resume_and_changes_nothing(sd_root, straigh
 
 
 def test_teacher_passes_run_in_the_teachers_precision_whatever_the_autocast(sd_root):
-    """Under the bf16 recipe's autocast, the default fp32 teacher's eps_psi and eps_phi run without autocast and TF32
-    (g bit-identical to fp32's, the TF32 flags restored after); --teacher-precision tf32 allows TF32 (CUDA's: on the
-    CPU nothing changes); bf16 runs them in bf16. The prompts' states are the fp32 encoder's, in autocast too."""
+    """Under the bf16 recipe's autocast, --teacher-precision fp32's eps_psi and eps_phi run without autocast and TF32
+    (g bit-identical to fp32's, the TF32 flags restored after); the default (tf32) allows TF32 (CUDA's: on the CPU
+    nothing changes); bf16 runs them in bf16. The prompts' states are the fp32 encoder's, in autocast too."""
     grads, seen = {}, []
-    for teacher_precision, autocast in ((None, False), (None, True), ("tf32", True), ("bf16", True)):
+    for teacher_precision, autocast in (("fp32", False), ("fp32", True), (None, True), ("bf16", True)):
         cfg = sb.Config(model=sd_root, precision="bf16", teacher_precision=teacher_precision, **BASE)
         m = sb.load_models(cfg, CPU)
         sb.start_training(cfg, m, CPU)
@@ -1001,8 +1001,8 @@ def test_teacher_passes_run_in_the_teachers_precision_whatever_the_autocast(sd_r
         hook.remove()
         grads[teacher_precision, autocast] = g
     assert seen == [(False, False)] * 4 + [(True, False)] * 2 + [(True, True)] * 2  # two passes (CFG batched) each
-    assert torch.equal(grads[None, True], grads[None, False]) and torch.equal(grads["tf32", True], grads[None, False])
-    assert not torch.equal(grads["bf16", True], grads[None, False])
+    assert torch.equal(grads["fp32", True], grads["fp32", False]) and torch.equal(grads[None, True], grads["fp32", False])
+    assert not torch.equal(grads["bf16", True], grads["fp32", False])
     torch.backends.cuda.matmul.allow_tf32 = False
 
 

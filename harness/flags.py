@@ -89,8 +89,8 @@ def parse_args(argv, description, defaults):
                    help="bf16: the GPU recipe, also on the CPU (default on CUDA) | fp32 (default on the CPU)")
     p.add_argument("--teacher-precision", choices=["fp32", "tf32", "bf16"],
                    help="the frozen teacher and its no-grad passes eps_psi, eps_phi, whose small difference is VSD's "
-                        "g: fp32 (default) | tf32 (CUDA's TF32; the CPU has none) | bf16 (with --precision bf16): "
-                        "faster, and g less exact (docs/memory.md)")
+                        "g: tf32 (default: fp32 weights on CUDA's TF32; the CPU has none) | fp32 (TF32 off: 4.8x the "
+                        "time) | bf16 (with --precision bf16: faster, a far noisier g) (docs/memory.md#precision)")
     p.add_argument("--checkpointing", choices=["auto", "on", "off"],
                    help="gradient checkpointing of both UNets: auto (default: on only where the memory plan "
                         "says the activations would not fit the device without it), on, off")

@@ -1,22 +1,27 @@
-"""The precision of VSD's two no-grad teacher passes, measured: how far g = w(t) (eps_psi - eps_phi) (Eq. 5, CFG on
-both passes, as the recipe trains) and the student's parameter gradient move from their fp64 values when eps_psi and
-eps_phi run in fp32, fp32 on TF32, fp16 or bf16. docs/memory.md#precision has the tables and the decision.
+"""The precision of VSD's two no-grad teacher passes, measured by what the student learns: over many draws, how much
+variance the rounding of g = w(t) (eps_psi - eps_phi) (Eq. 5, CFG on both passes, as the recipe trains) adds to the
+student's gradient, against the variance a draw already has, and whether it biases it, when eps_psi and eps_phi run
+in fp32, in fp32 with the convolutions on TF32 (the authors': PyTorch's default), on TF32, in fp16 or in bf16.
+docs/memory.md#precision has the tables, the rule and the decision.
 
-    python -m tools.precision sd                 # an SD 2.1-base-shaped UNet, a LoRA scaled to 0.1% ... 10% effect
+    python -m tools.precision sd                 # an SD 2.1-base-shaped UNet, a LoRA scaled to 0.3% ... 10% effect
     python -m tools.precision miniature          # the miniature's LoRA teacher as it trains (steps 25, 100, 300)
     python -m tools.precision miniature --run RUN   # the last checkpoint of a finished miniature run
 
 g is a small difference: eps_phi is eps_psi's UNet with a LoRA that changes its output by a few % ("the effect":
 |eps_phi - eps_psi| / |eps_psi|, both with CFG, over the batch), while rounding in the UNet's body does not cancel
-between the two passes. Every precision sees the same x0, prompts, t and noise; the student's gradient is the real
-surrogate loss's (step 4) backward through an fp64 copy of the student, so that only g differs. `sd` also measures
-the student's own forward and backward (fp32, TF32, bf16 autocast) on the exact g.
+between the two passes. One draw's g is mostly Monte-Carlo noise around its expectation (t, the noise, the image,
+the prompt), so rounding that is zero-mean over draws adds variance, not bias, and matters in proportion to the
+variance there is: `over_draws` measures both, each draw seen by every precision with the same x0, prompts, t and
+noise, the student's gradient the real surrogate loss's (step 4) backward through an fp64 copy of the student, so
+that only g differs. `sd` also measures the student's own forward and backward (fp32, TF32, bf16 autocast) on the
+exact g.
 
 TF32 on the CPU is an emulation: the inputs and weights of every Linear and Conv2d (forward and backward) rounded to
 TF32's 10-bit mantissa (round to nearest even), products accumulated in fp32; attention's own matmuls stay fp32, as
 CUDA's fused fp32 attention kernels keep them. fp16 and bf16 are the teacher's weights in that dtype under its
-autocast (bf16: the recipe's --teacher-precision bf16). On the CPU, a few minutes each on one thread; nothing is
-timed."""
+autocast (bf16: the recipe's --teacher-precision bf16). On the CPU, about 15 s a draw of the SD-shaped UNet on one
+thread (32 draws an effect: 8 minutes); nothing is timed."""
 import argparse
 import copy
 import json
@@ -32,11 +37,12 @@ import swiftbrush as sb
 from lora import inject_lora, lora_layers
 from unet import UNet
 
-TEACHER_PASSES = ("fp32", "tf32", "fp16", "bf16")  # against the fp64 reference
-DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16,
-          "bf16": torch.bfloat16}
+TEACHER_PASSES = ("fp32", "tf32 conv", "tf32", "fp16", "bf16")  # against the fp64 reference; "tf32 conv": the
+# authors' (fp32 weights, convolutions on TF32 by PyTorch's default, matmuls in fp32)
+DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "tf32 conv": torch.float32, "tf32": torch.float32,
+          "fp16": torch.float16, "bf16": torch.bfloat16}
 STUDENT_PASSES = ("fp32", "tf32", "bf16 autocast")
-EFFECTS = (0.001, 0.003, 0.01, 0.03, 0.1)
+EFFECTS = (0.003, 0.01, 0.03, 0.1)
 # SD 2.1-base's blocks (CrossAttn x3 + Down, linear projections, 64-wide heads, 1024-wide text states, 77 tokens) at a
 # fifth of its channels: tools/bench.py's UNET_BENCH_CONFIG; LoRA rank and alpha scaled with the channels (64/108 ->
 # 16/27) on to_q, to_v as the authors'
@@ -92,9 +98,11 @@ class TF32Conv2d(torch.autograd.Function):
 
 
 @contextmanager
-def emulated_tf32():
-    """Every F.linear and F.conv2d (nn.Linear, nn.Conv2d, the LoRA) in fp32 on TF32 operands, forward and backward."""
-    F.linear = lambda x, w, b=None: TF32Linear.apply(x, w, b)
+def emulated_tf32(linear=True):
+    """Every F.conv2d (nn.Conv2d) and, unless linear=False, every F.linear (nn.Linear, the LoRA) in fp32 on TF32
+    operands, forward and backward. linear=False: cuDNN's TF32 alone, PyTorch's default, as the authors ran."""
+    if linear:
+        F.linear = lambda x, w, b=None: TF32Linear.apply(x, w, b)
     F.conv2d = lambda x, w, b=None, stride=1, padding=0, dilation=1, groups=1: TF32Conv2d.apply(
         x, w, b, stride, padding, dilation, groups)
     try:
@@ -136,7 +144,8 @@ def g_of(m, cfg, x0, context, name, seed):
     generator seeded alike gives every precision the same t and noise."""
     mp, inputs = teacher_in(m, name)
     scores = []
-    with recorded_scores(scores), emulated_tf32() if name == "tf32" else nullcontext():
+    emulation = emulated_tf32(linear=name == "tf32") if name.startswith("tf32") else nullcontext()
+    with recorded_scores(scores), emulation:
         g = sb.score_gradient(mp, cfg, x0.to(inputs), context.to(inputs), torch.Generator().manual_seed(seed))
     return g.double(), *(s.double() for s in scores)
 
@@ -165,18 +174,6 @@ def relative(a, b):
 
 def cosine(a, b):
     return F.cosine_similarity(a, b, dim=0).item()
-
-
-def measure(m, cfg, x0, z, context, seed=0):
-    """{"effect": |eps_phi - eps_psi| / |eps_psi| (fp64, both with CFG), name: (the error of g, the cosine of the
-    student's gradient to fp64's, the cosine to fp32's)} for each precision of the teacher's passes."""
-    g_ref, psi, phi = g_of(m, cfg, x0, context, "fp64", seed)
-    student_gradient = StudentGradient(m.student, z, context, m.schedule)
-    g = {"fp64": g_ref, **{name: g_of(m, cfg, x0, context, name, seed)[0] for name in TEACHER_PASSES}}
-    grads = {name: student_gradient(g_name) for name, g_name in g.items()}
-    return {"effect": relative(phi, psi),
-            **{name: (relative(g[name], g_ref), cosine(grads[name], grads["fp64"]), cosine(grads[name], grads["fp32"]))
-               for name in TEACHER_PASSES}}
 
 
 def over_draws(m, cfg, draw, n_draws):
@@ -253,21 +250,26 @@ def randomise_lora(teacher, seed=0):
 
 def set_effect(m, cfg, x0, context, target, seed=0):
     """Scale the LoRA's B by target / the effect it has (measured in fp32): the effect is near linear in the scale
-    (measure() says the effect reached)."""
+    (over_draws says the effect reached, on average over its draws)."""
     _, psi, phi = g_of(m, cfg, x0, context, "fp32", seed)
     with torch.no_grad():
         for _, layer in lora_layers(m.teacher):
             layer.lora_up.weight.mul_(target / relative(phi, psi))
 
 
-def sd_rows(effects=EFFECTS):
-    """The SD-shaped UNet with its LoRA scaled to each effect size: [(target, measure())], and the student's own
+def sd_rows(effects=EFFECTS, n_draws=32):
+    """The SD-shaped UNet with its LoRA scaled to each effect size: [(target, over_draws())], and the student's own
     precisions at the last."""
     m, cfg, x0, z, context = sd_shaped_models()
+
+    def draw(d):  # a fresh image, noise and prompt states of the same statistics as the first
+        gen = torch.Generator().manual_seed(1000 + d)
+        return tuple(torch.randn(v.shape, generator=gen) for v in (x0, z, context))
+
     rows = []
     for target in effects:
         set_effect(m, cfg, x0, context, target)
-        rows.append((target, measure(m, cfg, x0, z, context)))
+        rows.append((target, over_draws(m, cfg, draw, n_draws)))
         print(row_text(f"{100 * target:g}%", rows[-1][1]), flush=True)
     return rows, student_precisions(m, cfg, x0, z, context)
 
@@ -324,11 +326,11 @@ def finished_run(cfg):
     yield state["step"], m, cfg
 
 
-def miniature_rows(models):
-    """[(step, measure())] of each (step, models, config) of `models`, on the batch that step renders."""
+def miniature_rows(models, n_draws=32):
+    """[(step, over_draws())] of each (step, models, config) of `models`, over batches that step renders."""
     rows = []
     for step, m, cfg in models:
-        rows.append((step, measure(m, cfg, *miniature_batch(m, cfg))))
+        rows.append((step, over_draws(m, cfg, lambda d: miniature_batch(m, cfg, seed=d), n_draws)))
         print(row_text(f"step {step}", rows[-1][1]), flush=True)
     return rows
 
@@ -338,7 +340,7 @@ def miniature_rows(models):
 
 
 def row_text(label, r):
-    cells = [f"{100 * r[name][0]:.3g}% / {r[name][1]:.6f}" for name in TEACHER_PASSES]
+    cells = [f"{100 * r[name][0]:.2g}% / {r[name][1]:.2f}" for name in TEACHER_PASSES]
     return f"| {label} | {100 * r['effect']:.3g}% | " + " | ".join(cells) + " |"
 
 
@@ -369,21 +371,27 @@ def main(argv=None):
                    help="miniature: the steps to measure at (default 25,100,300)")
     p.add_argument("--out", default="runs/precision-miniature", help="miniature: the run trained and measured")
     p.add_argument("--run", help="miniature: measure this finished run's last checkpoint instead (read only)")
+    p.add_argument("--draws", type=int, default=32,
+                   help="independent draws a row, at least 2 (default 32; the bias's floor falls as 1 / sqrt(draws))")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared CPU more spin)")
     a = p.parse_args(argv)
+    if a.draws < 2:
+        p.error(f"argument --draws: {a.draws}: at least 2, for a variance")
     torch.set_num_threads(a.threads)
     try:
         cfg = run_config(a.run) if a.run else None  # before anything is measured
-        print("each cell: the error of g against fp64 / the cosine of the student's gradient to fp64's")
+        n_draws = a.draws
+        print(f"each cell, over {n_draws} draws: the variance the precision adds to the student's gradient, as a share "
+              f"of the variance a draw has / its bias in units of its noise floor (about 1: none measurable)")
         if a.what == "sd":
             print(header("LoRA effect (target)"))
-            _, students = sd_rows([e / 100 for e in a.effects])
+            _, students = sd_rows([e / 100 for e in a.effects], n_draws)
             print("\nthe student's own forward and backward, on the exact g: the cosine of its gradient to fp64's")
             for name, cos in students.items():
                 print(f"| {name} | {cos:.7f} |")
         else:
             print(header("miniature, step"))
-            miniature_rows(finished_run(cfg) if cfg else trained_miniature(a.out, a.steps))
+            miniature_rows(finished_run(cfg) if cfg else trained_miniature(a.out, a.steps), n_draws)
     except (sb.UsageError, sb.WeightsError, sb.CheckpointError) as e:
         sys.exit(f"precision: error: {e}")
 

@@ -131,7 +131,7 @@ def selfcheck(args):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     ranks = f" over {world.size} ranks ({batch // world.size} a rank)" if world.size > 1 else ""
     print(f"selfcheck: {what} ({n_params / 1e6:.1f} M parameters), batch {batch}{ranks}, "
-          f"latents {tuple(m.latent_shape)}, {precision}, the teacher's passes {args.teacher_precision or 'fp32'}, "
+          f"latents {tuple(m.latent_shape)}, {precision}, the teacher's passes {args.teacher_precision or 'tf32'}, "
           f"checkpointing {'on' if plan['checkpointing'] else 'off'}, EMA on the "
           f"{'device' if plan['EMA on the device'] else 'CPU'}"
           + (", the student stepped inside its backward" if cfg.step_in_backward else "")
@@ -180,7 +180,7 @@ def parse_args(argv=None):
                         f"paper's; 2 a rank on the CPU)")
     p.add_argument("--iterations", type=int, default=20, help="Algorithm 1 iterations (>= 3; default 20)")
     p.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on the CPU")
-    p.add_argument("--teacher-precision", choices=["fp32", "tf32", "bf16"], help="as swiftbrush.py's (default fp32)")
+    p.add_argument("--teacher-precision", choices=["fp32", "tf32", "bf16"], help="as swiftbrush.py's (default tf32)")
     p.add_argument("--checkpointing", choices=["auto", "on", "off"], default="auto")
     p.add_argument("--step-in-backward", action="store_true",
                    help="as swiftbrush.py's: the student's step inside its backward, its gradients never held whole")
