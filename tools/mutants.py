@@ -200,7 +200,8 @@ def main(argv=None):
         t0 = time.time()
         verdict, detail = check(m)
         verdicts.append(verdict)
-        print(f"| {m.name} | {m.breaks} | {verdict} | {detail} | {time.time() - t0:.0f} |", flush=True)
+        breaks = m.breaks.replace("|", "\\|")  # a Markdown table's cell
+        print(f"| {m.name} | {breaks} | {verdict} | {detail} | {time.time() - t0:.0f} |", flush=True)
     caught = verdicts.count("caught")
     print(f"\n{caught} of {len(chosen)} mutants caught in {(time.time() - start) / 60:.1f} min")
     if caught < len(chosen):
