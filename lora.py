@@ -33,7 +33,8 @@ class LoRALinear(nn.Linear):
         self.lora_up = nn.Linear(rank, base.out_features, bias=False, device="cpu")
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
-        self.lora_down.to(base.weight.device), self.lora_up.to(base.weight.device)
+        self.lora_down.to(base.weight.device)
+        self.lora_up.to(base.weight.device)
         return self
 
     def forward(self, x):

@@ -136,6 +136,10 @@ def load_generator(a):
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     stored = load_student(a) if a.student else None
+    steps = a.student_steps or (stored.steps if stored else 1)
+    if steps > 1 and stored and stored.param == "eps":  # as training refuses it (swiftbrush.check_recipe)
+        raise UsageError(f"--student-steps {steps}: {a.student} is an eps student (--param eps), whose output is no "
+                         f"x0 to re-noise: it samples in one step")
     student, shape = (stored.unet, stored.latent_shape) if stored else (None, None)
     model = stored.model if stored else resolve_model(a.model, a.prediction_type)
     schedule = Schedule(scheduler_config(model))
@@ -148,10 +152,6 @@ def load_generator(a):
     teacher = load_unet(model, dtype).to(device) if a.teacher_steps else None
     c = shape if shape and not a.resolution else latent_shape(teacher if student is None else student, vae, a.resolution)
     student = student.to(device) if student is not None else None
-    steps = a.student_steps or (stored.steps if stored else 1)
-    if steps > 1 and stored and stored.param == "eps":  # as training refuses it (swiftbrush.check_recipe)
-        raise UsageError(f"--student-steps {steps}: {a.student} is an eps student (--param eps), whose output is no "
-                         f"x0 to re-noise: it samples in one step")
     return Generator(student, stored.param if stored else None, steps, student_schedule, teacher, vae, schedule,
                      tokenizer, encoder, encode_prompts(tokenizer, encoder, [""]), c, device)
 

@@ -29,8 +29,8 @@ from formats.models import latent_shape, pick_model, resolve_model, scheduler_co
 from formats.prompts import PAPER_PROMPTS, open_prompts, pick_prompts, prompt_embeddings
 from harness import flags
 from harness.checkpoint import (CheckpointError, Interrupted, TrainingDiverged, check_finite, check_out_folder,
-                                ctrl_c_finishes_the_step, load_checkpoint, read_log, save_checkpoint, truncate_log,
-                                write_run_info)
+                                ctrl_c_finishes_the_step, load_checkpoint, read_log, save_checkpoint,
+                                skip_if_not_finite, truncate_log, write_run_info)
 from harness.distributed import ONE, World, accumulating, check_world, close, data_parallel, quiet_unless_main
 from harness.flags import UsageError, uses_bf16
 from harness.images import save_grid
@@ -274,7 +274,7 @@ def train_step(m, cfg, state, autocast):
                 logs["grad_norm_student"] = clip_and_step_in_backward(state["opt_student"], loss, MAX_GRAD_NORM)
             else:
                 (loss / cfg.grad_accum).backward()
-        logs["loss_student"] += loss.detach().double() / cfg.grad_accum          # this rank's rows' (fetch_logs: all)
+        logs["loss_student"] += loss.detach() / cfg.grad_accum                   # this rank's rows' (fetch_logs: all)
         renders.append((x0.detach(), context))
     if not cfg.step_in_backward:
         logs["grad_norm_student"] = clip_and_step(state["opt_student"])
@@ -290,19 +290,18 @@ def train_step(m, cfg, state, autocast):
                         loss_phi = diffusion_loss(state["teacher_ddp"], x0, context, m.uncond, m.schedule,
                                                   state["gen"], abar_weighted=cfg.lora_loss == "abar", world=world)
                     (loss_phi / cfg.grad_accum).backward()
-                logs["loss_lora"] += loss_phi.detach().double() / cfg.grad_accum
+                logs["loss_lora"] += loss_phi.detach() / cfg.grad_accum
             logs["grad_norm_lora"] = clip_and_step(state["opt_lora"])
     return logs
 
 
 def clip_and_step(opt):
     """Adam step on gradients clipped to MAX_GRAD_NORM; returns their norm before clipping (a tensor). A norm that
-    is not finite makes fused Adam skip the update on the device (its found_inf), so a diverged step leaves the
-    weights and Adam's state as they were, and the host need not look before the step (fetch_logs then stops the
-    run)."""
+    is not finite skips the update (skip_if_not_finite), so a diverged step leaves the weights and Adam's state as
+    they were; fetch_logs then stops the run."""
     norm = torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], MAX_GRAD_NORM)
-    opt.found_inf = (~torch.isfinite(norm)).float()
-    opt.step()
+    if skip_if_not_finite([opt], norm):
+        opt.step()
     opt.zero_grad(set_to_none=True)
     return norm
 
@@ -311,10 +310,12 @@ def fetch_logs(logs, state):
     """The step's logged numbers read back in one transfer, the step's one host sync, the losses averaged over the
     ranks (the gradient norms are the same on every rank); a number that is not finite stops the run, on every rank
     at the same step, with the checkpoint on disk the last good one."""
-    world = state["world"]
-    names = list(logs)
-    values = [world.mean(logs[k]) if k.startswith("loss_") else logs[k].double() for k in names]
-    numbers = dict(zip(names, torch.stack(values).tolist()))
+    losses = [k for k in logs if k.startswith("loss_")]
+    norms = [k for k in logs if k not in losses]
+    values = torch.cat([state["world"].mean(torch.stack([logs[k] for k in losses])),  # one all-reduce
+                        torch.stack([logs[k] for k in norms])]).tolist()
+    numbers = dict(zip(losses + norms, values))
+    numbers = {k: numbers[k] for k in logs}  # the step's order: loss_student, grad_norm_student, loss_lora, ...
     for name, value in numbers.items():
         check_finite(name, value, state)
     return numbers
@@ -529,7 +530,7 @@ def score_precision(teacher, teacher_precision):
     """The no-grad passes eps_psi and eps_phi in the teacher's dtype: a bf16 teacher under bf16 autocast; an fp32 one
     without autocast, on CUDA's TF32 tensor cores (the default, tf32) or with TF32 off (fp32). VSD's g is their
     difference, a few % of eps, and rounding in the UNet's body does not cancel between the two passes: it adds
-    zero-mean noise to g, no bias, which on an SD-shaped UNet TF32 keeps at 1.7% of a draw's own variance at a 3% LoRA
+    noise to g (no bias measured), which on an SD-shaped UNet TF32 keeps at 1.7% of a draw's own variance at a 3% LoRA
     effect, bf16 at 440% (docs/memory.md#precision: the rule, and the numbers at every effect)."""
     weight = next(teacher.parameters())
     kind = autocast_kind(weight.device)
@@ -552,24 +553,33 @@ def student_samples(m, cfg, weights=None, n_prompts=4, n_seeds=2):
     sample.py and the exports make them: a row [n_prompts, 3, H, W] per seed. weights: a state dict the student runs
     with instead of its own (its EMA); None: its own."""
     device = next(m.student.parameters()).device
-    student = m.student if weights is None else running_with(m.student, weights)
     context = m.embeddings[:n_prompts].to(device)
     rows = []
-    for seed in range(n_seeds):
-        gen = torch.Generator().manual_seed(seed)
-        z, renoise = chain_noises((len(context), *m.latent_shape), cfg.student_steps, gen)
-        x0 = k_step_x0(student, z.to(device), [eps.to(device) for eps in renoise], context, m.student_schedule,
-                       cfg.student_steps, cfg.param)
-        rows.append(to_images(m.vae, x0))
+    with nullcontext() if weights is None else weights_swapped(m.student, weights):
+        for seed in range(n_seeds):
+            gen = torch.Generator().manual_seed(seed)
+            z, renoise = chain_noises((len(context), *m.latent_shape), cfg.student_steps, gen)
+            x0 = k_step_x0(m.student, z.to(device), [eps.to(device) for eps in renoise], context, m.student_schedule,
+                           cfg.student_steps, cfg.param)
+            rows.append(to_images(m.vae, x0))
     return rows
 
 
-def running_with(unet, weights):
-    """`unet` as a function of its inputs that runs with `weights` (a state dict, moved to its device for as long as
-    the function lives: a UNet's fp32 weights) in place of its own, which stay as they are."""
-    device = next(unet.parameters()).device
-    weights = {k: v.to(device) for k, v in weights.items()}
-    return lambda *inputs: torch.func.functional_call(unet, weights, inputs)
+@contextmanager
+def weights_swapped(unet, weights):
+    """Within the block `unet` holds `weights` (a state dict, its EMA), copied into its own tensors; its own weights
+    wait on the CPU and come back bit for bit after. No second UNet on the device: where the plan keeps the EMA on
+    the CPU, the device has no room for one."""
+    own = {k: v.to("cpu", copy=True) for k, v in unet.state_dict().items()}
+    with torch.no_grad():
+        for k, v in unet.state_dict().items():
+            v.copy_(weights[k])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for k, v in unet.state_dict().items():
+                v.copy_(own[k])
 
 
 def save_samples(m, cfg, state):

@@ -346,10 +346,15 @@ def test_lora_teachers_prompts_are_dropped_to_the_empty_prompt_one_in_ten(vsd_mo
     x0 = torch.randn((B, *m.latent_shape), generator=torch.Generator().manual_seed(1))
     ctx = m.embeddings[torch.arange(B) % len(m.embeddings)]
     seen = []
-    unet = lambda x_t, t, context: seen.append(context) or m.teacher(x_t, t, context)
+
+    def unet(x_t, t, context):
+        seen.append(context)
+        return m.teacher(x_t, t, context)
+
     sb.diffusion_loss(unet, x0, ctx, m.uncond, m.schedule, torch.Generator().manual_seed(2))  # the default rate
     gen = torch.Generator().manual_seed(2)
-    torch.randint(0, 1000, (B,), generator=gen), torch.randn(x0.shape, generator=gen)
+    torch.randint(0, 1000, (B,), generator=gen)  # t, then eps: drawn before u
+    torch.randn(x0.shape, generator=gen)
     drop = torch.rand(B, generator=gen) < 0.1
     assert 0 < int(drop.sum()) < B  # this seed's draws drop some rows (2 of 16), not all
     (got,) = seen
@@ -457,11 +462,12 @@ def test_each_network_steps_on_gradients_clipped_to_norm_1(sd_root, monkeypatch,
                                                                          "lora_steps": 2}, {"step_in_backward": True}],
                          ids=["vsd", "sds", "eps", "k2-accum2-lora2", "step-in-backward"])
 def test_a_training_step_reads_nothing_back_from_the_device(sd_root, kw):
-    """Every kernel of a step queued without the host waiting on the device: train_step on models on the meta device,
-    where a tensor holds no data and any read of one (.item(), .cpu(), .tolist(), float(), an if on a tensor, a copy
+    """A step reads nothing back from the device, so the host never waits for the GPU before the step ends:
+    train_step on models on the meta device, where a tensor holds no data and any read of one (.item(), .cpu(), .tolist(), float(), an if on a tensor, a copy
     to the CPU) raises. The step's draws go there, the schedule is looked up there, the clipping norms and the losses
     stay there, and each optimiser is given its skip flag (fused Adam's found_inf) there; fetch_logs is the one read,
-    once a step. (Adam's own step is stubbed: the fused kernel has no meta version.)"""
+    once a step. (Adam's own step is stubbed: the fused kernel has no meta version. Copies to the device are not
+    reads and pass on the meta device: the step's go through to_device, pinned and asynchronous on CUDA.)"""
     meta = torch.device("meta")
     cfg = sb.Config(model=sd_root, **{**BASE, "ema_decay": 0, **kw})
     m = sb.load_models(cfg, CPU)
@@ -469,6 +475,7 @@ def test_a_training_step_reads_nothing_back_from_the_device(sd_root, kw):
     flags = []
     for opt in filter(None, (state["opt_student"], state["opt_lora"])):
         for one in getattr(opt, "optimisers", {None: opt}).values():  # --step-in-backward: one per parameter
+            one.defaults["fused"] = True  # as on CUDA: fused Adam, whose step is stubbed (no meta kernel)
             one.step = lambda one=one: flags.append(one.found_inf)
     logs = sb.train_step(m, cfg, state, nullcontext())
     assert set(logs) == {"loss_student", "grad_norm_student"} | ({"loss_lora", "grad_norm_lora"} if "loss" not in kw
@@ -478,11 +485,14 @@ def test_a_training_step_reads_nothing_back_from_the_device(sd_root, kw):
         sb.fetch_logs(logs, state)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "not-fused"])
 @pytest.mark.parametrize("step_in_backward", [False, True], ids=["step", "step-in-backward"])
-def test_a_diverged_step_changes_no_weight_and_stops_the_run(sd_root, monkeypatch, step_in_backward):
-    """Gradients that are not finite (both losses made NaN) skip both Adam updates on the device, so the student, the
-    LoRA and both Adams' states are bit for bit what they were; fetch_logs then names the first number that is not
-    finite and the step."""
+def test_a_diverged_step_changes_no_weight_and_stops_the_run(sd_root, monkeypatch, step_in_backward, fused):
+    """Gradients that are not finite (both losses made NaN) skip both Adam updates, on the device with fused Adam
+    (CUDA, the CPU) and after the host has read the norm without it (MPS), so the student, the LoRA and both Adams'
+    states are bit for bit what they were; fetch_logs then names the first number that is not finite and the step."""
+    if not fused:
+        monkeypatch.setattr(sb, "adam", lambda params, lr, device: torch.optim.Adam(params, lr=lr, foreach=False))
     m, cfg, state = _one_step(sd_root, step_in_backward=step_in_backward, lora_guidance=1.5)
     sb.fetch_logs(sb.train_step(m, cfg, state, nullcontext()), state)  # one good step: Adam has a state
     sb.count_step(m, cfg, state)

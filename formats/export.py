@@ -78,8 +78,9 @@ def export_one_step(run, raw=False):
         T = schedule.get("num_train_timesteps", 1000)
         timesteps = trailing_timesteps(T, steps)
         said |= {"student_steps": str(steps), "student_timesteps": json.dumps(timesteps)}
-        if lcm_timesteps(T, steps) != timesteps:
-            print(f"export: diffusers' LCMScheduler runs a {steps}-step student at t = {lcm_timesteps(T, steps)}, "
+        lcm = lcm_timesteps(T, steps)
+        if lcm != timesteps:
+            print(f"export: diffusers' LCMScheduler runs a {steps}-step student at t = {lcm}, "
                   f"training's are {timesteps}: pass timesteps={timesteps} to the pipeline for the trained student's "
                   f"(sample.py reads them from the files)")
     out = os.path.join(run, "export-raw" if raw else "export")

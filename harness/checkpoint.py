@@ -41,6 +41,20 @@ def check_finite(what, value, state):
         raise TrainingDiverged(f"{what} became {value} at step {state['step'] + 1}")
 
 
+def skip_if_not_finite(optimisers, norm):
+    """Whether to call each optimiser's step(), which skips its update where the gradients' `norm` is not finite, so
+    a diverged step leaves the weights and the optimisers' states as they were: fused Adam (CUDA, the CPU) skips on
+    the device (its found_inf), and the host need not read the norm before the step; other optimisers (on MPS) step
+    only after the host has read it, a sync."""
+    optimisers = list(optimisers)
+    if all(opt.defaults.get("fused") for opt in optimisers):
+        found_inf = (~torch.isfinite(norm)).float()
+        for opt in optimisers:
+            opt.found_inf = found_inf
+        return True
+    return bool(torch.isfinite(norm))
+
+
 def check_out_folder(cfg, resume):
     """Before anything runs: --out must be a folder, and may hold a checkpoint only with --resume."""
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):

@@ -153,7 +153,7 @@ ONE = World()  # one process
 def to_device(x, device):
     """A tensor made on the CPU (the step's random draws, token ids) on `device` without the host waiting for it: on
     CUDA pinned, then copied asynchronously, where a plain copy would first wait for every kernel queued before it."""
-    if device.type != "cuda":
+    if device.type != "cuda" or not x.is_cpu:
         return x.to(device)
     return x.pin_memory().to(device, non_blocking=True)
 

@@ -15,12 +15,13 @@ from contextlib import contextmanager
 
 import torch
 
+from harness.checkpoint import skip_if_not_finite
 
 
 def clip_and_step_in_backward(opt, loss, max_norm=1.0):
     """The student's clip-and-step (`opt`: an OptimiserPerParameter) inside its backward; returns the norm before
-    clipping, a tensor. As swiftbrush.clip_and_step: a norm that is not finite skips every parameter's update on the
-    device (fused Adam's found_inf), and nothing is read back to the host."""
+    clipping, a tensor. As swiftbrush.clip_and_step: a norm that is not finite skips every parameter's update
+    (skip_if_not_finite: on the device, with fused Adam)."""
     norms = {}  # p -> the norm of p's gradient: one scalar per parameter
 
     def keep_norm(p):
@@ -31,13 +32,12 @@ def clip_and_step_in_backward(opt, loss, max_norm=1.0):
     in_order = [norms[p] for p in opt.params if p in norms]  # clip_grad_norm_'s order, so its rounding too
     norm = torch.linalg.vector_norm(torch.stack(in_order))   # the norm of the norms, as clip_grad_norm_
     clip = torch.clamp(max_norm / (norm + 1e-6), max=1.0)    # clip_grad_norm_'s factor
-    found_inf = (~torch.isfinite(norm)).float()
-    for one in opt.optimisers.values():
-        one.found_inf = found_inf
+    steps = skip_if_not_finite(opt.optimisers.values(), norm)
 
     def clip_and_step_one(p):
         p.grad.mul_(clip)
-        opt.optimisers[p].step()
+        if steps:
+            opt.optimisers[p].step()
 
     with each_gradient(opt.params, clip_and_step_one):
         loss.backward()

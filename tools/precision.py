@@ -330,7 +330,8 @@ def miniature_rows(models, n_draws=32):
     """[(step, over_draws())] of each (step, models, config) of `models`, over batches that step renders."""
     rows = []
     for step, m, cfg in models:
-        rows.append((step, over_draws(m, cfg, lambda d: miniature_batch(m, cfg, seed=d), n_draws)))
+        # z from seed 1000 + d: score_gradient's t and noise come from seed d
+        rows.append((step, over_draws(m, cfg, lambda d: miniature_batch(m, cfg, seed=1000 + d), n_draws)))
         print(row_text(f"step {step}", rows[-1][1]), flush=True)
     return rows
 

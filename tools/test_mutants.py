@@ -22,6 +22,12 @@ def test_every_mutant_fits_the_code_once_and_compiles():
         mutants.mutated(mutants.Mutant("gone", "", "swiftbrush.py", (("no such text", ""),)), "some code")
 
 
+def test_the_suite_is_every_test_file_but_the_checks_own():
+    suite = mutants.the_suite()
+    assert suite[0] == "test_swiftbrush.py" and "tools/test_mutants.py" not in suite
+    assert {"harness/test_distributed.py", "miniature/test_miniature.py", "tools/test_precision.py"} <= set(suite)
+
+
 def test_the_direction_test_catches_each_sign_reversal_and_passes_the_method():
     assert mutants.check(mutants.Mutant("none", "nothing", "swiftbrush.py", ()), [DIRECTION_TEST]) == ("survived", "")
     expected = {"vsd-sign": "[vsd-x0]", "sds-sign": "[sds-x0]", "both-signs": "[vsd-x0]"}  # -x: the first failure
