@@ -77,18 +77,15 @@ def inputs(B=2, seed=1, L=16, D=32, hw=8):
     return torch.randn(B, 4, hw, hw, generator=g), torch.randn(B, L, D, generator=g)
 
 
-# Training runs: tiny and fast. EMA_EVERY is lowered so that a 6-step run updates the EMA before and after a
-# resume at step 3 (the EMA's resumability is then tested too).
+# Training runs: tiny and fast.
 BASE = dict(batch_size=2, lora_rank=4, lora_alpha=8.0, lr=1e-3, save_every=0, sample_every=0, seed=0, prompts="demo")
 
 
 def run(root, out, steps, models=None, **kw):
     """train(); returns (models, state, the log rows this call wrote)."""
     done = len(checkpoint.read_log(out)) if os.path.exists(os.path.join(out, "log.jsonl")) else 0
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sb, "EMA_EVERY", 2)
-        m, state = sb.train(sb.Config(model=root, out=str(out), steps=steps, **{**BASE, **kw}), models=models,
-                            progress=False)
+    m, state = sb.train(sb.Config(model=root, out=str(out), steps=steps, **{**BASE, **kw}), models=models,
+                        progress=False)
     return m, state, checkpoint.read_log(out)[done:]
 
 
@@ -98,9 +95,7 @@ def cli_args(root, out, steps):
 
 
 def cli(argv):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sb, "EMA_EVERY", 2)
-        return sb.main(argv)
+    return sb.main(argv)
 
 
 def cli_error(argv, capsys):

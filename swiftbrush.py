@@ -14,7 +14,6 @@ x0 = f_theta(z, y), Eq. 7), `score_gradient` (steps 2-3: Eq. 5 for VSD, Eq. 2 fo
 """
 import copy
 import json
-import math
 import os
 import sys
 import time
@@ -36,6 +35,7 @@ from harness.flags import UsageError, uses_bf16
 from harness.images import save_grid
 from harness.report import EVAL_COLUMNS, LOSS_COLUMNS, Report, loss_numbers
 from lora import inject_lora, lora_disabled
+from memory.ema import EMA, HostEMA
 from memory.plan import memory_plan, peak_gb, write_memory_plan
 from memory.step_in_backward import OptimiserPerParameter, clip_and_step_in_backward
 from unet import UNet, WeightsError, architecture_difference, load_unet
@@ -439,8 +439,9 @@ def start_training(cfg, m, device, world=ONE):
     state["plan"] = plan = memory_plan(cfg, m, state, device)
     m.teacher.gradient_checkpointing = m.student.gradient_checkpointing = plan["checkpointing"]
     if cfg.ema_decay > 0 and world.main:  # the step does not need it: on the CPU unless the device has room to spare
-        where = device if plan["EMA on the device"] else "cpu"
-        state["ema"] = {k: v.detach().float().to(where, copy=True) for k, v in m.student.state_dict().items()}
+        on_device = plan["EMA on the device"] or device.type == "cpu"
+        state["ema"] = EMA(m.student) if on_device else HostEMA(m.student)
+        state["ema"].guard(state["opt_student"])  # the host's copy of the weights is read before they change
     return state
 
 
@@ -460,9 +461,6 @@ def adam(params, lr, device):
     return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0, fused=device.type in ("cuda", "cpu"))
 
 
-EMA_EVERY = 10  # the EMA is updated every 10 steps with the product of the 10 steps' decays: fewer copies
-
-
 def ema_decay_of_step(n, decay):
     """The authors' EMA (diffusers' EMAModel): the n-th step's decay is min(decay, (1 + s) / (10 + s)), s = n - 1,
     and 0 for the first (the EMA starts as the student): a warm-up that forgets the initialisation quickly."""
@@ -470,34 +468,17 @@ def ema_decay_of_step(n, decay):
     return 0.0 if s <= 0 else min(decay, (1 + s) / (10 + s))
 
 
-@torch.no_grad()
-def update_ema(ema, student, step, decay, since=None):
-    """After `step`: ema = D ema + (1 - D) theta, D the product of the decays of the steps after `since` up to
-    `step` (by default the EMA_EVERY steps up to `step`): a per-step EMA exactly while theta is constant between
-    updates."""
-    since = step - EMA_EVERY if since is None else since
-    D = math.prod(ema_decay_of_step(n, decay) for n in range(since + 1, step + 1))
-    for k, v in student.state_dict().items():
-        ema[k].lerp_(v.detach().float().to(ema[k].device), 1 - D)
-
-
-def ema_caught_up(state, student, decay):
-    """The EMA at this step, for what a run exports and scores: the EMA as updated every EMA_EVERY steps (what the
-    checkpoint keeps, so that a resume stays exact) moved on by the product of the decays of the steps since its
-    last update, on the CPU. A run shorter than EMA_EVERY steps so ends with an EMA that moved."""
-    ema, step = state["ema"], state["step"]
-    if ema is None or step % EMA_EVERY == 0:
-        return ema
-    ema = {k: v.to("cpu", copy=True) for k, v in ema.items()}
-    update_ema(ema, student, step, decay, since=step - step % EMA_EVERY)
-    return ema
-
-
 def count_step(m, cfg, state):
-    """After train_step: the step is done; every EMA_EVERY steps the EMA follows the student."""
+    """After train_step: the step is done; the EMA follows the student, ema = d ema + (1 - d) theta (memory/ema.py:
+    exact at every step, wherever it is)."""
     state["step"] += 1
-    if state["ema"] is not None and state["step"] % EMA_EVERY == 0:
-        update_ema(state["ema"], m.student, state["step"], cfg.ema_decay)
+    if state["ema"] is not None:
+        state["ema"].update(ema_decay_of_step(state["step"], cfg.ema_decay))
+
+
+def ema_weights(state):
+    """The EMA as of the last step (a state dict), or None without one."""
+    return None if state["ema"] is None else state["ema"].weights()
 
 
 def training_device(name=None, world=ONE):
@@ -584,7 +565,7 @@ def weights_swapped(unet, weights):
 
 def save_samples(m, cfg, state):
     """The training grid: the student's rows, then its EMA's (the model a run exports) for the same seeds."""
-    ema = ema_caught_up(state, m.student, cfg.ema_decay)
+    ema = ema_weights(state)
     rows = student_samples(m, cfg)
     labels = ["student"] * len(rows)
     if ema is not None:
@@ -624,7 +605,7 @@ def score_errors(m, cfg, world=ONE, ts=(100, 300, 500, 700, 900)):
 
 def train(cfg, models=None, progress=True):
     """Algorithm 1 for cfg.steps iterations in all, continuing the checkpoint in cfg.out if there is one.
-    Returns (models, state): the trained student is models.student, its EMA ema_caught_up(state, ...)."""
+    Returns (models, state): the trained student is models.student, its EMA ema_weights(state)."""
     from tqdm import tqdm
     world = World.from_env()  # torchrun's ranks (docs/distributed.md); one process without it
     check_world(cfg, world)
@@ -674,8 +655,8 @@ def train(cfg, models=None, progress=True):
 
 
 def save_run(cfg, m, state):
-    """The checkpoint, its EMA as scheduled (so a resume is exact), and unet/ and unet_ema/, the EMA caught up."""
-    save_checkpoint(cfg, m, state, ema_caught_up(state, m.student, cfg.ema_decay))
+    """The checkpoint, and unet/ and unet_ema/ beside it."""
+    save_checkpoint(cfg, m, state, ema_weights(state))
 
 
 # ==================================================================================================
@@ -785,7 +766,7 @@ def main(argv=None):
                 del m, state  # one student in memory at a time
                 continue
             # no truth to score against: the losses, the speed, the samples and, with --eval-captions, COCO-2014
-            ema = ema_caught_up(state, m.student, cfg.ema_decay)  # the exported student
+            ema = ema_weights(state)  # the exported student
             samples = torch.cat(student_samples(m, cfg, ema))
             del m, state, ema  # one student in memory at a time (the evaluation loads it again from cfg.out)
             numbers = {**loss_numbers(cfg), **(coco(cfg) if coco else {})}

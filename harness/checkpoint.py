@@ -93,16 +93,16 @@ def save_checkpoint(cfg, m, state, ema):
     """Rank 0 writes the checkpoint (its students equal every rank's; the EMA is its own) and exports the student
     beside it: unet/ and unet_ema/, `ema` being the EMA to export. Every rank waits for it."""
     if state["world"].main:
-        write_checkpoint(cfg, m, state)
+        write_checkpoint(cfg, m, state, ema)
         export_student(cfg, m, ema)
     state["world"].barrier()
 
 
-def write_checkpoint(cfg, m, state):
+def write_checkpoint(cfg, m, state, ema):
     """Everything an exact resume needs (student, EMA, LoRA, both Adam states, RNG, prompt order, step). Nothing in
     it depends on the number of ranks, so it resumes on any number."""
     tensors = {f"student/{k}": v for k, v in _cpu(m.student.state_dict()).items()}
-    tensors.update({f"ema/{k}": v for k, v in _cpu(state["ema"] or {}).items()})  # on the device where it fits
+    tensors.update({f"ema/{k}": v for k, v in _cpu(ema or {}).items()})  # on the device where it fits
     tensors.update({f"lora/{k}": v for k, v in _cpu(lora_state_dict(m.teacher)).items()})
     groups = {}
     for name in ("opt_student", "opt_lora"):
@@ -138,7 +138,7 @@ def load_checkpoint(cfg, m, state):
         raise CheckpointError(f"{path} was trained on another prompt list; resume with the same --prompts file")
     with torch.no_grad():
         for prefix, sd in (("student/", m.student.state_dict()), ("lora/", lora_state_dict(m.teacher)),
-                           ("ema/", state["ema"] or {})):
+                           ("ema/", state["ema"].weights() if state["ema"] else {})):
             for k, v in sd.items():
                 v.copy_(tensors[prefix + k])
     groups = json.loads(meta["param_groups"])

@@ -32,7 +32,6 @@ from lora import lora_state_dict
 from tools import selfcheck
 
 plan, rank, hooks = json.load(open(sys.argv[2])), int(os.environ["RANK"]), {}
-sb.EMA_EVERY = 2
 
 def train_step(m, cfg, state, autocast, real=sb.train_step):
     if hooks.get("nan") == state["step"] + 1 and rank == 1:
@@ -46,8 +45,8 @@ def train_step(m, cfg, state, autocast, real=sb.train_step):
         os.kill(os.getppid(), signal.SIGTERM)
     return logs
 
-def write_checkpoint(cfg, m, state, real=checkpoint.write_checkpoint):
-    real(cfg, m, state)
+def write_checkpoint(cfg, m, state, ema, real=checkpoint.write_checkpoint):
+    real(cfg, m, state, ema)
     if hooks.get("copy_at") == state["step"]:
         shutil.copytree(cfg.out, hooks["copy_to"])
 
@@ -122,9 +121,7 @@ QUICK_FLAGS = ["--model", "miniature-quick", "--steps", "10", "--batch-size", "4
 def one_process(argv, steps=None):
     """The plain run of argv in this process (one thread, as the jobs' ranks)."""
     cfg = sb.runs_from_args(sb.parse_args(argv))[1][0][1]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sb, "EMA_EVERY", 2)
-        sb.train(cfg if steps is None else replace(cfg, steps=steps), progress=False)
+    sb.train(cfg if steps is None else replace(cfg, steps=steps), progress=False)
 
 
 def torchrun(tmp, nproc, commands):

@@ -209,7 +209,6 @@ import swiftbrush as sb
 from harness import checkpoint
 where, n = os.environ.get("KILL_AT", "never:0").split(":")
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
-sb.EMA_EVERY = 2
 if where == "step":  # after step n's work, before it is logged
     real_step = sb.train_step
     def train_step(m, cfg, state, autocast):

@@ -4,7 +4,7 @@ OUT/memory.json; and the measured peak, logged with every step (CUDA: max_memory
 
 The plan also decides, by that count, what memory buys time where there is room: gradient checkpointing
 (`--checkpointing auto`: on only where the states and the activations without it would not fit the device) and the
-EMA's place (on the device when everything fits with it, so no GPU -> CPU copy of the student every 10 steps)."""
+EMA's place (on the device when everything fits with it, so no GPU -> CPU copy of the student every step)."""
 import json
 import os
 import resource
@@ -68,6 +68,7 @@ def memory_plan(cfg, m, state, device):
     if ema_on_device:
         on_device["EMA of the student"] = ema
     on_cpu = {"EMA of the student": 0 if ema_on_device else ema,
+              "the student's copy the EMA is lerped from": 0 if ema_on_device or device.type == "cpu" else ema,
               "prompt embeddings": nbytes([m.embeddings]) if torch.is_tensor(m.embeddings) else 0}  # a tensor: all P
     plan = {"device": {k: round(v / GB, 2) for k, v in on_device.items()},
             "cpu": {k: round(v / GB, 2) for k, v in on_cpu.items()},

@@ -16,7 +16,7 @@ from formats.models import encode_prompts, load_text, scheduler_config
 from harness.report import Report
 from miniature import DEFAULTS, world
 from miniature.teacher import STAMP, build_teacher
-from swiftbrush import Schedule, chain_noises, ema_caught_up, f_theta, k_step_x0, run_label
+from swiftbrush import Schedule, chain_noises, ema_weights, f_theta, k_step_x0, run_label
 from unet import load_unet
 
 EVALUATION = {"miniature": {"seeds": (0, 1, 2), "per_prompt": 16, "ddim_steps": 25},   # 3 x 12 prompts x 16
@@ -88,7 +88,7 @@ class MiniatureReport(Report):
         students = [(name, m.student.cpu().eval())]
         if state["ema"] is not None:
             ema = copy.deepcopy(students[0][1])
-            ema.load_state_dict(ema_caught_up(state, m.student, cfg.ema_decay))
+            ema.load_state_dict(ema_weights(state))
             students.append((f"{name}, EMA {cfg.ema_decay:g}", ema))
         noises = [self.chain_noises(seed, cfg.student_steps) for seed in self.seeds]
         for row, student in students:
