@@ -1,6 +1,7 @@
 """Shared by the test files: nothing leaves this machine or touches the user's caches, one intra-op thread, the
 relative error used for every parity check, and a tiny Stable Diffusion folder with the helpers that train on it."""
 import atexit
+import io
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 
 import swiftbrush as sb
 from harness import checkpoint
+from harness.steplog import StepLog
 from parity.tiny_sd import make_tiny_sd
 
 # Set before anything imports huggingface_hub (it reads them once): no download ever, an empty hub cache, and the
@@ -87,6 +89,14 @@ def run(root, out, steps, models=None, **kw):
     m, state = sb.train(sb.Config(model=root, out=str(out), steps=steps, **{**BASE, **kw}), models=models,
                         progress=False)
     return m, state, checkpoint.read_log(out)[done:]
+
+
+def logged_now(logs, state):
+    """train_step's numbers as train() logs them (harness/steplog.py), read at once: the row it writes."""
+    log = StepLog(io.StringIO(), state["world"], [])
+    log.send(state["step"] + 1, logs)
+    log.flush()
+    return json.loads(log.file.getvalue())
 
 
 def cli_args(root, out, steps):

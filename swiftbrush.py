@@ -13,10 +13,8 @@ x0 = f_theta(z, y), Eq. 7), `score_gradient` (steps 2-3: Eq. 5 for VSD, Eq. 2 fo
     python swiftbrush.py --student-init runs/sds   # beyond the paper: the student starts from another model
 """
 import copy
-import json
 import os
 import sys
-import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields, replace
 
@@ -27,12 +25,13 @@ from formats.export import export_one_step, read_student
 from formats.models import latent_shape, pick_model, resolve_model, scheduler_config, trailing_timesteps
 from formats.prompts import PAPER_PROMPTS, open_prompts, pick_prompts, prompt_embeddings
 from harness import flags
-from harness.checkpoint import (CheckpointError, Interrupted, TrainingDiverged, check_finite, check_out_folder,
+from harness.checkpoint import (CheckpointError, Interrupted, TrainingDiverged, check_out_folder,
                                 ctrl_c_finishes_the_step, load_checkpoint, read_log, save_checkpoint,
                                 skip_if_not_finite, truncate_log, write_run_info)
 from harness.distributed import ONE, World, accumulating, check_world, close, data_parallel, quiet_unless_main
 from harness.flags import UsageError, uses_bf16
 from harness.images import save_grid
+from harness.steplog import StepLog
 from harness.report import EVAL_COLUMNS, LOSS_COLUMNS, Report, loss_numbers
 from lora import inject_lora, lora_disabled
 from memory.ema import EMA, HostEMA
@@ -257,8 +256,8 @@ def diffusion_loss(unet, x0, context, uncond, schedule, gen, p_uncond=P_UNCOND, 
 
 def train_step(m, cfg, state, autocast):
     """Algorithm 1, one iteration (over cfg.grad_accum micro-batches). Returns the numbers to log as tensors on the
-    device: nothing here reads a value back to the host, so it queues its kernels without waiting (fetch_logs reads
-    them, once a step).
+    device: nothing here reads a value back to the host, so it queues its kernels without waiting (harness/steplog.py
+    reads them a step later, when they are done).
 
     The student is stepped (its gradients freed) before the LoRA pass: one UNet of gradients less at the peak; with
     --step-in-backward (one micro-batch) it is stepped inside its backward, its gradients never held whole."""
@@ -298,27 +297,12 @@ def train_step(m, cfg, state, autocast):
 def clip_and_step(opt):
     """Adam step on gradients clipped to MAX_GRAD_NORM; returns their norm before clipping (a tensor). A norm that
     is not finite skips the update (skip_if_not_finite), so a diverged step leaves the weights and Adam's state as
-    they were; fetch_logs then stops the run."""
+    they were; the step's log (harness/steplog.py) then stops the run."""
     norm = torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], MAX_GRAD_NORM)
     if skip_if_not_finite([opt], norm):
         opt.step()
     opt.zero_grad(set_to_none=True)
     return norm
-
-
-def fetch_logs(logs, state):
-    """The step's logged numbers read back in one transfer, the step's one host sync, the losses averaged over the
-    ranks (the gradient norms are the same on every rank); a number that is not finite stops the run, on every rank
-    at the same step, with the checkpoint on disk the last good one."""
-    losses = [k for k in logs if k.startswith("loss_")]
-    norms = [k for k in logs if k not in losses]
-    values = torch.cat([state["world"].mean(torch.stack([logs[k] for k in losses])),  # one all-reduce
-                        torch.stack([logs[k] for k in norms])]).tolist()
-    numbers = dict(zip(losses + norms, values))
-    numbers = {k: numbers[k] for k in logs}  # the step's order: loss_student, grad_norm_student, loss_lora, ...
-    for name, value in numbers.items():
-        check_finite(name, value, state)
-    return numbers
 
 
 def next_prompts(state, n):
@@ -629,25 +613,21 @@ def train(cfg, models=None, progress=True):
     autocast = autocast_for(device, cfg.precision)
     with (tqdm(total=cfg.steps, initial=state["step"], disable=not progress or not world.main, desc=run_label(cfg),
                dynamic_ncols=True) as bar,
-          open(log_path if world.main else os.devnull, "a") as log,  # rank 0 writes the log
+          open(log_path if world.main else os.devnull, "a") as file,  # rank 0 writes the log
           ctrl_c_finishes_the_step(cfg.out, speak=world.main) as caught,  # and Ctrl-C, SIGTERM
           data_parallel(state, world, device)):  # over N ranks, DDP's wrappers, released at the end
-        while not world.stops(caught) and state["step"] < cfg.steps:  # every rank stops after the same step
-            t0 = time.time()
-            logs = fetch_logs(train_step(m, cfg, state, autocast), state)
+        log = StepLog(file, world, caught, bar)  # each step's numbers written a step later: the GPU never waits
+        while state["step"] < cfg.steps and not log.stopping:  # every rank stops after the same step
+            logs = train_step(m, cfg, state, autocast)
             count_step(m, cfg, state)
-            logs = {"step": state["step"], **logs, "sec_per_step": round(time.time() - t0, 4),
-                    "peak_gb": peak_gb(device)}
+            log.send(state["step"], logs, peak_gb=peak_gb(device))
             if cfg.diagnose_every and state["step"] % cfg.diagnose_every == 0:
                 with autocast:
-                    logs.update(score_errors(m, cfg, world))
-            log.write(json.dumps(logs) + "\n")
-            bar.update(1)
-            bar.set_postfix({k[5:]: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss_")})
+                    log.add(score_errors(m, cfg, world))
             if cfg.sample_every and state["step"] % cfg.sample_every == 0 and world.main:
                 save_samples(m, cfg, state)
             if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < cfg.steps:
-                log.flush()
+                log.flush()  # every step the checkpoint holds was finite
                 save_run(cfg, m, state)
         log.flush()
         save_run(cfg, m, state)

@@ -19,9 +19,10 @@ from safetensors.torch import load_file
 import lora
 import sample
 import swiftbrush as sb
-from conftest import (BASE, CPU, UNET_FILE, assert_same_ckpt, inputs, read_ckpt, read_log, rel_err, run, same_tensors,
+from conftest import (BASE, CPU, UNET_FILE, assert_same_ckpt, inputs, logged_now, read_ckpt, read_log, rel_err, run, same_tensors,
                       sd21_base_on_meta)
 from formats import models
+from harness.steplog import StepLog
 from memory.ema import EMA, HostEMA
 from unet import UNet, WeightsError, load_unet
 
@@ -453,7 +454,7 @@ def test_each_network_steps_on_gradients_clipped_to_norm_1(sd_root, monkeypatch,
         return real_step(opt, *a, **kw)
 
     monkeypatch.setattr(torch.optim.Adam, "step", step)
-    logs = sb.fetch_logs(sb.train_step(m, cfg, state, nullcontext()), state)
+    logs = logged_now(sb.train_step(m, cfg, state, nullcontext()), state)
     for network in ("student", "lora"):
         before = logs[f"grad_norm_{network}"]
         assert (before > 10) if scale > 1 else (0 < before < 0.1), (network, before)
@@ -467,8 +468,8 @@ def test_a_training_step_reads_nothing_back_from_the_device(sd_root, kw):
     """A step reads nothing back from the device, so the host never waits for the GPU before the step ends:
     train_step on models on the meta device, where a tensor holds no data and any read of one (.item(), .cpu(), .tolist(), float(), an if on a tensor, a copy
     to the CPU) raises. The step's draws go there, the schedule is looked up there, the clipping norms and the losses
-    stay there, and each optimiser is given its skip flag (fused Adam's found_inf) there; fetch_logs is the one read,
-    once a step. (Adam's own step is stubbed: the fused kernel has no meta version. Copies to the device are not
+    stay there, and each optimiser is given its skip flag (fused Adam's found_inf) there; the step's log is the one
+    read, a step later (harness/steplog.py). (Adam's own step is stubbed: the fused kernel has no meta version. Copies to the device are not
     reads and pass on the meta device: the step's go through to_device, pinned and asynchronous on CUDA.)"""
     meta = torch.device("meta")
     cfg = sb.Config(model=sd_root, **{**BASE, "ema_decay": 0, **kw})
@@ -484,7 +485,19 @@ def test_a_training_step_reads_nothing_back_from_the_device(sd_root, kw):
                                                                   else set())
     assert flags and all(t.device == meta for t in [*logs.values(), *flags])
     with pytest.raises(NotImplementedError, match="meta"):
-        sb.fetch_logs(logs, state)
+        logged_now(logs, state)
+
+
+def test_the_loop_reads_a_steps_numbers_after_queueing_the_next(sd_root, tmp_path, monkeypatch):
+    """train() reads step n's numbers (the host's wait for the device) only once step n + 1 is queued, so the GPU
+    has a step to run while the host writes the log and draws; the last step's before the checkpoint."""
+    events, real_step, real_write = [], sb.train_step, StepLog._write
+    monkeypatch.setattr(sb, "train_step", lambda *a: events.append("step") or real_step(*a))
+    monkeypatch.setattr(StepLog, "_write", lambda log, sent: events.append(f"read {sent['step']}") or
+                        real_write(log, sent))
+    monkeypatch.setattr(sb, "save_run", lambda *a: events.append("save"))
+    run(sd_root, tmp_path, 3)
+    assert events == ["step", "step", "read 1", "step", "read 2", "read 3", "save"]
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "not-fused"])
@@ -492,11 +505,11 @@ def test_a_training_step_reads_nothing_back_from_the_device(sd_root, kw):
 def test_a_diverged_step_changes_no_weight_and_stops_the_run(sd_root, monkeypatch, step_in_backward, fused):
     """Gradients that are not finite (both losses made NaN) skip both Adam updates, on the device with fused Adam
     (CUDA, the CPU) and after the host has read the norm without it (MPS), so the student, the LoRA and both Adams'
-    states are bit for bit what they were; fetch_logs then names the first number that is not finite and the step."""
+    states are bit for bit what they were; the step's log then names the first number that is not finite and the step."""
     if not fused:
         monkeypatch.setattr(sb, "adam", lambda params, lr, device: torch.optim.Adam(params, lr=lr, foreach=False))
     m, cfg, state = _one_step(sd_root, step_in_backward=step_in_backward, lora_guidance=1.5)
-    sb.fetch_logs(sb.train_step(m, cfg, state, nullcontext()), state)  # one good step: Adam has a state
+    logged_now(sb.train_step(m, cfg, state, nullcontext()), state)  # one good step: Adam has a state
     sb.count_step(m, cfg, state)
     before = {k: v.clone() for k, v in {**m.student.state_dict(), **m.teacher.state_dict()}.items()}
 
@@ -510,7 +523,7 @@ def test_a_diverged_step_changes_no_weight_and_stops_the_run(sd_root, monkeypatc
         monkeypatch.setattr(sb, name, lambda *a, real=real, **kw: real(*a, **kw) * float("nan"))
     logs = sb.train_step(m, cfg, state, nullcontext())
     with pytest.raises(sb.TrainingDiverged, match="loss_student became nan at step 2"):
-        sb.fetch_logs(logs, state)
+        logged_now(logs, state)
     after = {**m.student.state_dict(), **m.teacher.state_dict()}
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert len(adam_before) > 3 and all(torch.equal(a, b) for a, b in zip(adam(), adam_before, strict=True))

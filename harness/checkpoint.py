@@ -36,9 +36,9 @@ class TrainingDiverged(RuntimeError):
     """A loss or gradient became NaN/inf; the last good checkpoint is left as it was."""
 
 
-def check_finite(what, value, state):
+def check_finite(what, value, step):
     if not math.isfinite(value):
-        raise TrainingDiverged(f"{what} became {value} at step {state['step'] + 1}")
+        raise TrainingDiverged(f"{what} became {value} at step {step}")
 
 
 def skip_if_not_finite(optimisers, norm):

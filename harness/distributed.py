@@ -17,7 +17,8 @@
   no-grad passes (the teacher's scores, the diagnostics, the samples) call the plain modules; the no-grad
   re-renders of --lora-steps go through the student's wrapper, where DDP does nothing without grad.
 - Every rank agrees: the logged losses are all-reduced means, a NaN is seen by all, and a signal caught by any rank
-  stops every rank after the same step (one all-reduce a step, `World.stops`). Rank 0 writes.
+  stops every rank after the same step (the strongest signal all-reduced with the step's numbers on the device,
+  harness/steplog.py). Rank 0 writes.
 """
 import gc
 import os
@@ -98,16 +99,13 @@ class World:
             return total / self.size
         return self._all_reduce([value], dist.ReduceOp.SUM)[0] / self.size
 
-    def stops(self, caught):
-        """Whether the loop stops now: a signal caught by any rank (checkpoint.ctrl_c_finishes_the_step's `caught`).
-        One all-reduce a step, so that every rank stops after the same step; `caught` then holds the strongest
-        signal on every rank, which gives every rank the same exit code."""
+    def max(self, value):
+        """The maximum over the ranks of a tensor on the training device, reduced there without the host reading it."""
         if self.size == 1:
-            return bool(caught)
-        strongest = int(self._all_reduce([max(caught, default=0)], dist.ReduceOp.MAX)[0])
-        if strongest and strongest not in caught:
-            caught.append(strongest)
-        return bool(strongest)
+            return value
+        total = value.clone()
+        dist.all_reduce(total, dist.ReduceOp.MAX)
+        return total
 
     def same_on_every_rank(self, value):
         """Whether every rank has this number (e.g. the step each read from the checkpoint): one all-reduce."""

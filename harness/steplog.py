@@ -18,7 +18,7 @@ from harness.checkpoint import check_finite
 class StepLog:
     """log.jsonl's rows, one step late. `caught`: ctrl_c_finishes_the_step's list of signals; `world`: the ranks."""
 
-    def __init__(self, file, bar, world, caught):
+    def __init__(self, file, world, caught, bar=None):
         self.file, self.bar, self.world, self.caught = file, bar, world, caught
         self.sent = None  # the last step's numbers, on their way to the host
         self.stopping = False  # a rank caught a signal: stop after this step
@@ -70,5 +70,7 @@ class StepLog:
         row = {"step": sent["step"], **numbers, "sec_per_step": round(now - self.last_read, 4), **sent["known"]}
         self.last_read = now
         self.file.write(json.dumps(row) + "\n")
-        self.bar.update(1)
-        self.bar.set_postfix({k[5:]: f"{v:.3g}" for k, v in numbers.items() if k.startswith("loss_")})
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix({k[5:]: f"{v:.3g}" for k, v in numbers.items() if k.startswith("loss_")})
+        return row

@@ -17,7 +17,7 @@ their values but the losses.
 import argparse
 import copy
 import json
-import statistics
+import io
 import sys
 import time
 import zlib
@@ -29,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import swiftbrush as sb
 from harness.distributed import World, check_world, close, data_parallel, quiet_unless_main
 from harness.flags import AT_LEAST_1
+from harness.steplog import StepLog
 from memory.plan import peak_gb
 from formats.prompts import PromptEmbeddings
 from parity.configs import SD2_TEXT, SD21_BASE
@@ -86,25 +87,68 @@ def synchronize(device):
 
 
 def run_iterations(m, cfg, state, device, iterations):
-    """The loop's pieces (train_step, then the EMA as train() updates it): the first iteration under the FLOP
-    counter, the second a warm-up, the rest timed one by one. Returns (FLOPs of one iteration, [seconds])."""
-    autocast = sb.autocast_for(device, cfg.precision)
-
-    def iteration():
-        sb.fetch_logs(sb.train_step(m, cfg, state, autocast), state)
-        sb.count_step(m, cfg, state)
-
+    """The loop's pieces as train() runs them (train_step, the EMA's update, the step's numbers sent and the previous
+    step's written: the host a step ahead of the device): the first iteration under the FLOP counter, the second a
+    warm-up, the rest timed together. Returns (FLOPs of one iteration, seconds per iteration)."""
+    iteration = loop_iteration(m, cfg, state, device)
     with FlopCounterMode(display=False) as counter:
         iteration()
     iteration()
-    seconds = []
+    iteration.log.flush()
+    synchronize(device)
+    t0 = time.perf_counter()
     for _ in range(iterations - 2):
-        synchronize(device)
-        t0 = time.perf_counter()
         iteration()
-        synchronize(device)
-        seconds.append(time.perf_counter() - t0)
-    return counter.get_total_flops(), seconds
+    iteration.log.flush()  # the last step's numbers: the host waits for the device to finish
+    synchronize(device)
+    return counter.get_total_flops(), (time.perf_counter() - t0) / (iterations - 2)
+
+
+def loop_iteration(m, cfg, state, device):
+    """One iteration of train()'s loop, without its files: a function, its StepLog as .log."""
+    autocast = sb.autocast_for(device, cfg.precision)
+    log = StepLog(io.StringIO(), state["world"], [])
+
+    def iteration():
+        logs = sb.train_step(m, cfg, state, autocast)
+        sb.count_step(m, cfg, state)
+        log.send(state["step"], logs)
+
+    iteration.log = log
+    return iteration
+
+
+def gpu_idle_share(iteration, device, iterations=3):
+    """The share of the time from the first kernel to the last of `iterations` iterations in which the GPU runs no
+    kernel and no copy: the time it waits for the host. CUDA only (the profiler's device intervals), else None."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iterations):
+            iteration()
+        iteration.log.flush()
+        torch.cuda.synchronize(device)
+    busy = [(e.start_ns(), e.end_ns()) for e in prof.profiler.kineto_results.events()
+            if e.device_type() == torch.autograd.DeviceType.CUDA]
+    return idle_share(busy)
+
+
+def idle_share(intervals):
+    """1 - (the length of the union of the [start, end) intervals) / (the last end - the first start); None for
+    none."""
+    if not intervals:
+        return None
+    intervals = sorted(intervals)
+    busy, (start, end) = 0, intervals[0]
+    for s, e in intervals[1:]:
+        if s > end:  # a gap: the device was idle from end to s
+            busy += end - start
+            start = s
+        end = max(end, e)
+    busy += end - start
+    span = max(e for _, e in intervals) - intervals[0][0]
+    return 1 - busy / span if span > 0 else 0.0
 
 
 def selfcheck(args):
@@ -140,8 +184,8 @@ def selfcheck(args):
         print(f"  the plan says this does not fit the device's {plan['device memory']:.1f} GB: expect out of memory; "
               f"try a smaller --batch-size")
     with data_parallel(state, world, device):
-        flops, seconds = run_iterations(m, cfg, state, device, args.iterations)
-    s_iter = statistics.median(seconds)
+        flops, s_iter = run_iterations(m, cfg, state, device, args.iterations)
+        idle = gpu_idle_share(loop_iteration(m, cfg, state, device), device)
     peak = peak_tflops(device, args.peak_tflops)
     per_rank = world.gather([s_iter, flops, peak_gb(device)])  # [[s/iter, FLOPs, peak GB]] of every rank
     # a step ends when the slowest rank's does; the run's FLOPs are every rank's, over all the devices' peak
@@ -150,9 +194,12 @@ def selfcheck(args):
     planned = plan["device states in all"] + max(activations, plan.get("DDP bucket rebuild (once, at step 2)", 0))
     numbers = {"s_per_iter": s_iter, "images_per_s": batch / s_iter, "flops_per_iter": flops,
                "mfu": flops / s_iter / (peak * 1e12 * world.size) if peak else None, "peak_gb": peak_gb(device),
-               "planned_gb": planned, "paper_hours": PAPER["steps"] * s_iter * PAPER["batch"] / batch / 3600}
-    print(f"  {args.iterations} iterations: {s_iter:.3f} s/iter (median of the last {len(seconds)}), "
-          f"{numbers['images_per_s']:.2f} images/s" + (f" in all, over {world.size} ranks" if world.size > 1 else ""))
+               "planned_gb": planned, "paper_hours": PAPER["steps"] * s_iter * PAPER["batch"] / batch / 3600,
+               "gpu_idle": idle}
+    print(f"  {args.iterations} iterations: {s_iter:.3f} s/iter (the last {args.iterations - 2}, run as train() "
+          f"runs them), {numbers['images_per_s']:.2f} images/s" + (f" in all, over {world.size} ranks" if world.size > 1 else ""))
+    print(f"  the GPU idle, waiting for the host: " + (f"{100 * idle:.1f}% of the time, {1000 * idle * s_iter:.1f} ms an "
+          f"iteration (3 more iterations under the profiler)" if idle is not None else "not measured (CUDA only)"))
     if world.size > 1:
         numbers["ranks"] = [{"s_per_iter": s, "images_per_s": batch / world.size / s, "flops_per_iter": f,
                              "mfu": f / s / (peak * 1e12) if peak else None, "peak_gb": gb} for s, f, gb in per_rank]

@@ -13,6 +13,13 @@ def test_selfcheck_runs_on_the_cpu(capsys):
     assert 1.9 < two["flops_per_iter"] / one["flops_per_iter"] < 2.1  # an iteration's FLOPs scale with the batch
     assert one["mfu"] == one["flops_per_iter"] / one["s_per_iter"] / 1e12 and two["mfu"] is None
     assert one["peak_gb"] > 0 and one["planned_gb"] > 0 and two["images_per_s"] == 2 / two["s_per_iter"]
+    assert out.count("the GPU idle, waiting for the host: not measured (CUDA only)") == 2 and one["gpu_idle"] is None
+
+
+def test_idle_share_is_the_gaps_between_the_devices_intervals():
+    """Kernels (and copies, overlapping on other streams) from 0 to 100 ns with gaps 30-40 and 90-95: 15% idle."""
+    assert selfcheck.idle_share([(0, 10), (5, 30), (40, 60), (50, 90), (55, 70), (95, 100)]) == pytest.approx(0.15)
+    assert selfcheck.idle_share([(10, 20), (0, 10)]) == 0.0 and selfcheck.idle_share([]) is None
 
 
 @pytest.mark.parametrize("name, tflops", [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),
