@@ -182,9 +182,11 @@ def over_draws(m, cfg, draw, n_draws):
     G_p on precision p's, e_p = G_p - G. Returns {"effect": the mean effect, "sampling": E||G - E G||^2, the variance
     a draw of this batch already has; name: (the added variance E||e_p - E e_p||^2 as a share of the sampling
     variance, the bias |E e_p| in units of its own noise floor sqrt(E||e_p - E e_p||^2 / n_draws), about 1 where
-    there is none)}. Both variances are per sample over the batch's rows, so their ratio holds at any batch: an added
-    share r makes a batch of 16 as noisy as one of 16 / (1 + r)."""
+    there is none, and 2 Cov(G, e_p) as a share of the sampling variance: Var(G_p) = Var(G) + Var(e_p) + 2 Cov, so the
+    first share and this one are together what the precision adds)}. Both variances are per sample over the batch's
+    rows, so their ratio holds at any batch: an added share r makes a batch of 16 as noisy as one of 16 / (1 + r)."""
     sums = {}  # name -> [sum of the vectors, sum of their squared norms]
+    cross = {}  # name -> the sum over the draws of <G, e_p>
     effects = []
 
     def add(name, v):
@@ -200,12 +202,21 @@ def over_draws(m, cfg, draw, n_draws):
         G = gradient(g_ref)
         add("fp64", G)
         for name in TEACHER_PASSES:
-            add(name, gradient(g_of(m, cfg, x0, context, name, seed=d)[0]) - G)
+            e = gradient(g_of(m, cfg, x0, context, name, seed=d)[0]) - G
+            add(name, e)
+            cross[name] = cross.get(name, 0.0) + (G * e).sum().item()
     spread = {name: variance(total, squares, n_draws) for name, (total, squares) in sums.items()}
-    sampling = spread["fp64"][1]
+    sampling, mean_G = spread["fp64"][1], spread["fp64"][0]
+    covariance = {name: cross_covariance(cross[name], mean_G, spread[name][0], n_draws) for name in TEACHER_PASSES}
     return {"effect": sum(effects) / n_draws, "sampling": sampling,
-            **{name: (spread[name][1] / sampling, spread[name][0].norm().item() / (spread[name][1] / n_draws) ** 0.5)
+            **{name: (spread[name][1] / sampling, spread[name][0].norm().item() / (spread[name][1] / n_draws) ** 0.5,
+                      2 * covariance[name] / sampling)
                for name in TEACHER_PASSES}}
+
+
+def cross_covariance(cross, mean_a, mean_b, n):
+    """E<a - E a, b - E b>, unbiased, of n pairs of vectors from the sum of their dot products and their means."""
+    return (cross - n * (mean_a * mean_b).sum().item()) / (n - 1)
 
 
 def variance(total, squares, n):
@@ -341,7 +352,7 @@ def miniature_rows(models, n_draws=32):
 
 
 def row_text(label, r):
-    cells = [f"{100 * r[name][0]:.2g}% / {r[name][1]:.2f}" for name in TEACHER_PASSES]
+    cells = [f"{100 * r[name][0]:.2g}% ({100 * r[name][2]:+.2g}%) / {r[name][1]:.2f}" for name in TEACHER_PASSES]
     return f"| {label} | {100 * r['effect']:.3g}% | " + " | ".join(cells) + " |"
 
 
@@ -383,7 +394,8 @@ def main(argv=None):
         cfg = run_config(a.run) if a.run else None  # before anything is measured
         n_draws = a.draws
         print(f"each cell, over {n_draws} draws: the variance the precision adds to the student's gradient, as a share "
-              f"of the variance a draw has / its bias in units of its noise floor (about 1: none measurable)")
+              f"of the variance a draw has (and 2 Cov(G, e), the rest of what it adds, the same way) / its bias in "
+              f"units of its noise floor (about 1: none measurable)")
         if a.what == "sd":
             print(header("LoRA effect (target)"))
             _, students = sd_rows([e / 100 for e in a.effects], n_draws)

@@ -20,6 +20,9 @@ def test_variance_is_the_unbiased_total_variance_of_the_vectors():
     v = torch.randn(7, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     mean, total = precision.variance(v.sum(0), v.square().sum().item(), 7)
     assert torch.allclose(mean, v.mean(0)) and abs(total - v.var(0).sum().item()) < 1e-12
+    e = torch.randn(7, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.5 * v
+    cov = precision.cross_covariance((v * e).sum().item(), v.mean(0), e.mean(0), 7)
+    assert abs((v + e).var(0).sum().item() - (total + e.var(0).sum().item() + 2 * cov)) < 1e-12  # Var(G + e)
 
 
 def test_over_draws_ranks_the_precisions_by_the_variance_they_add(sd_root):
@@ -41,6 +44,7 @@ def test_over_draws_ranks_the_precisions_by_the_variance_they_add(sd_root):
     assert 0.005 < r["effect"] < 0.02 and r["sampling"] > 0
     share = {name: r[name][0] for name in precision.TEACHER_PASSES}  # measured: 7e-8, 8.3%, 7.5%, 32%, 1846%
     assert share["fp32"] < 1e-5 < min(share["tf32 conv"], share["tf32"]) < share["fp16"] < 1 < share["bf16"]
+    assert all(abs(r[name][2]) <= 2 * (share[name] * 1.0) ** 0.5 for name in share)  # |2 Cov| <= 2 sd(G) sd(e)
 
 
 @pytest.mark.parametrize("argv, words", [
