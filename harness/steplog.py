@@ -22,11 +22,15 @@ class StepLog:
         self.file, self.bar, self.world, self.caught = file, bar, world, caught
         self.sent = None  # the last step's numbers, on their way to the host
         self.stopping = False  # a rank caught a signal: stop after this step
-        self.last_read = time.time()
+        self.last_sent = time.time()
 
     def send(self, step, logs, **known):
         """Queue step `step`'s numbers (`logs`: tensors on the device; `known`: numbers the host has, logged beside
-        them), then write the previous step's row."""
+        them, after sec_per_step: the time since the last send, a step's time once the host waits for the device),
+        then write the previous step's row."""
+        now = time.time()
+        known = {"sec_per_step": round(now - self.last_sent, 4), **known}
+        self.last_sent = now
         losses = [k for k in logs if k.startswith("loss_")]
         norms = [k for k in logs if k not in losses]  # the same on every rank
         device = logs[losses[0]].device
@@ -66,9 +70,7 @@ class StepLog:
         if signal and int(signal) not in self.caught:  # every rank exits with the same code
             self.caught.append(int(signal))
         self.stopping = self.stopping or bool(signal)
-        now = time.time()
-        row = {"step": sent["step"], **numbers, "sec_per_step": round(now - self.last_read, 4), **sent["known"]}
-        self.last_read = now
+        row = {"step": sent["step"], **numbers, **sent["known"]}
         self.file.write(json.dumps(row) + "\n")
         if self.bar is not None:
             self.bar.update(1)
