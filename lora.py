@@ -1,142 +1,272 @@
-"""LoRA (Hu et al., 2021) on the UNet's attention projections, for SwiftBrush's LoRA teacher eps_phi.
+"""LoRA (Hu et al., 2021): named adapters beside the UNet's Linear and Conv2d layers, each switched on and off by
+itself, so that ONE UNet in memory is all three networks of Algorithm 1:
 
-W x  ->  W x + (alpha / r) * B A x, with A (`lora_down`, r x in) random and B (`lora_up`, out x r) zero, so a
-fresh LoRA changes nothing. The base weight keeps its official key (`...to_q.weight`): the LoRA sits beside
-it (`...to_q.lora_down.weight`), so ONE UNet in memory is both the frozen teacher eps_psi (LoRA off) and the
-LoRA teacher eps_phi (LoRA on).
+    eps_psi    the frozen teacher    no adapter on      `lora_disabled(unet)`
+    eps_phi    the LoRA teacher      adapter "phi" on   the UNet's own state once phi is injected
+    eps_theta  the LoRA student      adapter "theta"    `Adapted(unet, "theta")` (--student-lora; the paper's
+                                                        student is a full copy of the UNet instead)
+
+An adapter adds (alpha / r) B A x to its layer's W x + b: A (`lora_down`, r x in) random, B (`lora_up`, out x r)
+zero, so a fresh adapter changes nothing (loralib's `scaling = alpha / r`). On a Conv2d, A is a Conv2d with the
+layer's kernel, stride and padding to r channels and B a 1x1 Conv2d (kohya's LoCon, peft's LoRA on convolutions):
+B A with the kernel folded in is a weight of the layer's shape. The base weights keep their official keys
+(`...to_q.weight`); an adapter sits beside them (`...to_q.adapters.phi.lora_down.weight`).
 """
-import json
 import math
-from contextlib import contextmanager
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from unet import WeightsError
 
 
-class LoRALinear(nn.Linear):
-    """An nn.Linear whose forward adds a low-rank update while `lora_enabled` is True."""
+class Adapter(nn.Module):
+    """One adapter on one layer: x -> (alpha / r) B A x."""
 
-    @classmethod
-    def wrap(cls, base: nn.Linear, rank, alpha):
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias  # shared, not copied: same keys, same memory
-        self.rank, self.alpha, self.lora_enabled = rank, alpha, True
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        self.rank, self.alpha, self.enabled = rank, alpha, True
         # drawn on the CPU, from its generator, then moved: one seed gives one LoRA on every device
-        self.lora_down = nn.Linear(base.in_features, rank, bias=False, device="cpu")
-        self.lora_up = nn.Linear(rank, base.out_features, bias=False, device="cpu")
+        if isinstance(base, nn.Conv2d):
+            self.lora_down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding,
+                                       bias=False, device="cpu")
+            self.lora_up = nn.Conv2d(rank, base.out_channels, 1, bias=False, device="cpu")
+        else:
+            self.lora_down = nn.Linear(base.in_features, rank, bias=False, device="cpu")
+            self.lora_up = nn.Linear(rank, base.out_features, bias=False, device="cpu")
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
-        self.lora_down.to(base.weight.device)
-        self.lora_up.to(base.weight.device)
-        return self
+        self.to(base.weight.device)
 
     def forward(self, x):
-        out = F.linear(x, self.weight, self.bias)
-        if self.lora_enabled:
-            out = out + self.lora_up(self.lora_down(x)) * (self.alpha / self.rank)
+        return self.lora_up(self.lora_down(x)) * (self.alpha / self.rank)
+
+
+def lora_weight(down, up, alpha):
+    """(alpha / r) B A in the shape of the layer's weight (a Conv2d's [out, in, k, k]), in fp32."""
+    rank = down.shape[0]
+    return (up.float().flatten(1) @ down.float().flatten(1)).view(up.shape[0], *down.shape[1:]) * (alpha / rank)
+
+
+class LoRALayer:
+    """A Linear or Conv2d with adapters: its own output, plus each adapter's that is on."""
+
+    def forward(self, x):
+        out = self.base_forward(x)
+        for adapter in self.adapters.values():
+            if adapter.enabled:
+                out = out + adapter(x)
         return out
 
 
-def _targets(unet, targets):
-    for name, module in unet.named_modules():
-        if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
-            yield name, module
+class LoRALinear(LoRALayer, nn.Linear):
+    def base_forward(self, x):
+        return F.linear(x, self.weight, self.bias)
 
 
-def inject_lora(unet, rank=64, alpha=108.0, targets=("to_q", "to_v")):
-    """Wrap every Linear whose name ends with one of `targets` (e.g. "to_q", "to_out.0", "ff.net.2").
+class LoRAConv2d(LoRALayer, nn.Conv2d):
+    def base_forward(self, x):
+        return self._conv_forward(x, self.weight, self.bias)
 
-    Returns the LoRA parameters (the only ones an optimiser of eps_phi should see)."""
+
+WITH_ADAPTERS = {nn.Linear: LoRALinear, nn.Conv2d: LoRAConv2d}
+
+
+def inject_lora(unet, rank=64, alpha=108.0, targets=("to_q", "to_v"), name="phi", on=True):
+    """Add adapter `name` (switched on, or off) beside every Linear and Conv2d whose name ends with one of `targets` (e.g.
+    "to_q", "to_out.0", "conv1"). A layer becomes its LoRA class in place (the same module, the same parameters).
+    Returns the adapter's parameters (the only ones its optimiser should see)."""
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-    found = list(_targets(unet, targets))
+    found = [(n, m) for n, m in unet.named_modules() if type(m) in WITH_ADAPTERS or isinstance(m, LoRALayer)
+             if ".adapters." not in n and any(n == t or n.endswith("." + t) for t in targets)]
     if not found:
-        raise ValueError(f"no Linear layer in the UNet matches LoRA targets {list(targets)}")
-    for name, module in found:
-        if isinstance(module, LoRALinear):
-            raise ValueError(f"{name} already has a LoRA")
-        parent_name, _, child = name.rpartition(".")
-        parent = unet.get_submodule(parent_name) if parent_name else unet
-        parent._modules[child] = LoRALinear.wrap(module, rank, alpha)  # _modules: handles "to_out.0" too
-    unet.lora_config = {"rank": rank, "alpha": alpha, "targets": list(targets)}
-    return lora_parameters(unet)
+        raise ValueError(f"no Linear or Conv2d layer in the UNet matches LoRA targets {list(targets)}")
+    for layer_name, layer in found:
+        if not isinstance(layer, LoRALayer):
+            layer.__class__ = WITH_ADAPTERS[type(layer)]
+            layer.adapters = nn.ModuleDict()
+        if name in layer.adapters:
+            raise ValueError(f"{layer_name} already has a LoRA {name!r}")
+        layer.adapters[name] = Adapter(layer, rank, alpha)
+        layer.adapters[name].enabled = on
+    unet.recompute_context = adapters_as_now  # unet.py: a checkpointed block recomputes with its forward's adapters
+    return lora_parameters(unet, name)
 
 
 def lora_layers(unet):
-    return [(n, m) for n, m in unet.named_modules() if isinstance(m, LoRALinear)]
+    return [(n, m) for n, m in unet.named_modules() if isinstance(m, LoRALayer)]
 
 
-def lora_parameters(unet):
-    return [p for _, m in lora_layers(unet) for p in (m.lora_down.weight, m.lora_up.weight)]
+def adapters(unet, name="phi"):
+    """[(layer name, its adapter `name`)] in the UNet's order."""
+    return [(n, m.adapters[name]) for n, m in lora_layers(unet) if name in m.adapters]
 
 
-def lora_state_dict(unet):
-    return {k: v for k, v in unet.state_dict().items() if ".lora_down." in k or ".lora_up." in k}
+def lora_parameters(unet, name="phi"):
+    return [p for _, a in adapters(unet, name) for p in (a.lora_down.weight, a.lora_up.weight)]
+
+
+def lora_state_dict(unet, name="phi"):
+    return {k: v for k, v in unet.state_dict().items() if f".adapters.{name}." in k}
 
 
 def base_state_dict(unet):
-    """The UNet's weights without any LoRA: exactly the official keys."""
-    return {k: v for k, v in unet.state_dict().items() if ".lora_down." not in k and ".lora_up." not in k}
+    """The UNet's weights without any adapter: exactly the official keys."""
+    return {k: v for k, v in unet.state_dict().items() if ".adapters." not in k}
 
 
-def set_lora(unet, enabled: bool):
-    for _, m in lora_layers(unet):
-        m.lora_enabled = enabled
+def adapters_on(unet, *names):
+    """`with adapters_on(unet, "theta"):` within the block the adapters `names` are on and every other off; as they
+    were after."""
+    return AdapterSwitch(unet, names)
 
 
-@contextmanager
+class AdapterSwitch:
+    """adapters_on's context; a class, as a recomputation may enter it more than once (--step-in-backward's two
+    backwards each recompute the checkpointed blocks)."""
+
+    def __init__(self, unet, names):
+        self.unet, self.names, self.before = unet, names, []
+
+    def __enter__(self):
+        layers = [m for _, m in lora_layers(self.unet)]
+        self.before.append([(a, a.enabled) for m in layers for a in m.adapters.values()])
+        for m in layers:
+            for name, a in m.adapters.items():
+                a.enabled = name in self.names
+        return self.unet
+
+    def __exit__(self, *error):
+        for a, enabled in self.before.pop():
+            a.enabled = enabled
+
+
 def lora_disabled(unet):
     """`with lora_disabled(unet):` runs the frozen teacher eps_psi through the same weights as eps_phi."""
-    set_lora(unet, False)
-    try:
-        yield unet
-    finally:
-        set_lora(unet, True)
+    return adapters_on(unet)
+
+
+def adapters_as_now(unet):
+    """A context that switches the UNet's adapters as they are now (entered later: a recomputation's)."""
+    return adapters_on(unet, *{name for _, m in lora_layers(unet) for name, a in m.adapters.items() if a.enabled})
 
 
 @torch.no_grad()
-def merge_lora(unet):
-    """Fold W += (alpha / r) B A into the base weights and drop the LoRA modules."""
-    for name, m in lora_layers(unet):
-        if m.lora_enabled:
-            delta = m.lora_up.weight.float() @ m.lora_down.weight.float() * (m.alpha / m.rank)
-            m.weight.add_(delta.to(m.weight.dtype))
-        plain = nn.Linear.__new__(nn.Linear)
-        nn.Module.__init__(plain)
-        plain.in_features, plain.out_features, plain.weight, plain.bias = m.in_features, m.out_features, m.weight, m.bias
-        parent_name, _, child = name.rpartition(".")
-        unet.get_submodule(parent_name)._modules[child] = plain
-    unet.__dict__.pop("lora_config", None)
+def merge_lora(unet, name="phi"):
+    """Fold W += (alpha / r) B A of adapter `name` into the base weights and drop it; a layer left without adapters
+    is a plain Linear or Conv2d again."""
+    for _, layer in lora_layers(unet):
+        if name in layer.adapters:
+            adapter = layer.adapters.pop(name)
+            delta = lora_weight(adapter.lora_down.weight, adapter.lora_up.weight, adapter.alpha)
+            layer.weight.add_(delta.to(layer.weight.dtype))
+        if not layer.adapters:
+            del layer.adapters
+            layer.__class__ = nn.Conv2d if isinstance(layer, nn.Conv2d) else nn.Linear
     return unet
 
 
-def save_lora(unet, path):
-    tensors = {k: v.detach().contiguous().cpu() for k, v in lora_state_dict(unet).items()}
-    save_file(tensors, path, metadata={"lora_config": json.dumps(unet.lora_config)})
+class Adapted(nn.Module):
+    """The UNet with adapter `name` on, every other off, as a network of its own: its parameters and state dict are
+    the adapter's alone, keyed as LoRA files key them (kohya's `lora_unet_<layer>.lora_down.weight`), its forward the
+    UNet's. The LoRA student eps_theta is Adapted(teacher, "theta"): its optimiser, EMA, checkpoint and DDP see the
+    adapter only, and the UNet's weights stay the teacher's."""
+
+    def __init__(self, unet, name):
+        super().__init__()
+        self.name, self.layer_of = name, {}
+        for layer_name, adapter in adapters(unet, name):
+            key = "lora_unet_" + layer_name.replace(".", "_")
+            self.add_module(key, adapter)
+            self.layer_of[key] = layer_name
+        self.__dict__["unet"] = unet  # not a submodule: the base weights are not this network's
+
+    def forward(self, x, t, context):
+        with adapters_on(self.unet, self.name):
+            return self.unet(x, t, context)
+
+    def train(self, mode=True):
+        self.unet.train(mode)  # the UNet's mode decides its gradient checkpointing
+        return super().train(mode)
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    @property
+    def gradient_checkpointing(self):
+        return self.unet.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on):
+        self.unet.gradient_checkpointing = on
+
+    @torch.no_grad()
+    def merged_state_dict(self, weights=None):
+        """The plain UNet's state dict (official keys, fp32) with the adapter folded into its base weights: the
+        adapter's own, or `weights`, a state dict of this network (its EMA)."""
+        weights = weights or self.state_dict()
+        merged = {k: v.detach().float() for k, v in base_state_dict(self.unet).items()}
+        for key, layer_name in self.layer_of.items():
+            alpha = getattr(self, key).alpha
+            delta = lora_weight(weights[f"{key}.lora_down.weight"], weights[f"{key}.lora_up.weight"], alpha)
+            merged[f"{layer_name}.weight"] = merged[f"{layer_name}.weight"] + delta.to(merged[f"{layer_name}.weight"].device)
+        return merged
 
 
-def load_lora(unet, path):
-    """Inject (if needed) and load LoRA weights saved by `save_lora`; checks keys and shapes."""
+# --------------------------------------------------------------------------------------------------
+# LoRA files in kohya's layout, the one ComfyUI's LoraLoader, A1111 and diffusers' load_lora_weights read: for each
+# layer `lora_unet_<its name, dots as underscores>.lora_down.weight`, `.lora_up.weight` and `.alpha`
+
+
+def save_lora_file(adapted, weights, path, dtype=torch.float32):
+    """An Adapted network's adapter as a LoRA file: its own weights, or `weights` (a state dict of it: its EMA)."""
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in (weights or adapted.state_dict()).items()}
+    rank = alpha = None
+    for key in adapted.layer_of:
+        adapter = getattr(adapted, key)
+        rank, alpha = adapter.rank, adapter.alpha
+        tensors[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+    save_file(tensors, path, metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
+                                       "ss_network_alpha": str(alpha)})
+
+
+def read_lora_file(path):
+    """{layer key: (down, up, alpha)} of a LoRA file in kohya's layout (alpha = r where the file has none)."""
     try:
-        with safe_open(path, "pt") as f:
-            config = json.loads((f.metadata() or {})["lora_config"])
         tensors = load_file(path)
     except Exception as e:
         raise WeightsError(f"cannot read LoRA file {path}: {type(e).__name__}: {e}") from None
-    if not lora_layers(unet):
-        inject_lora(unet, config["rank"], config["alpha"], config["targets"])
-    expected = lora_state_dict(unet)
-    bad = sorted(set(expected) ^ set(tensors)) + [k for k in expected if k in tensors and expected[k].shape != tensors[k].shape]
-    if bad:
-        raise WeightsError(f"LoRA file {path} does not fit this UNet: {', '.join(bad[:4])}")
-    with torch.no_grad():
-        for k, v in expected.items():
-            v.copy_(tensors[k])
-    return config
+    keys = {k.rsplit(".", 2)[0] for k in tensors if k.endswith((".lora_down.weight", ".lora_up.weight"))}
+    other = sorted(k for k in tensors if not k.startswith("lora_unet_"))
+    if not keys or other:
+        raise WeightsError(f"{path} is not a UNet LoRA in kohya's layout (lora_unet_*.lora_down.weight, lora_up, "
+                           f"alpha)" + (f": it also holds {other[0]}" if other else ""))
+    layers = {}
+    for key in sorted(keys):
+        down, up = tensors.get(f"{key}.lora_down.weight"), tensors.get(f"{key}.lora_up.weight")
+        if down is None or up is None:
+            raise WeightsError(f"{path}: {key} has no {'lora_up' if down is not None else 'lora_down'} weight")
+        alpha = tensors.get(f"{key}.alpha")
+        layers[key] = (down, up, down.shape[0] if alpha is None else float(alpha))
+    return layers
+
+
+@torch.no_grad()
+def apply_lora_file(unet, path, strength=1.0):
+    """Fold a LoRA file into the UNet's weights at `strength` (W += strength (alpha / r) B A), as ComfyUI's
+    LoraLoader and A1111 apply it: the one-step LoRA on the teacher, or on any finetune of its architecture."""
+    by_key = {"lora_unet_" + n.replace(".", "_"): m for n, m in unet.named_modules()
+              if isinstance(m, (nn.Linear, nn.Conv2d))}
+    for key, (down, up, alpha) in read_lora_file(path).items():
+        layer = by_key.get(key)
+        if layer is None:
+            raise WeightsError(f"{path} adapts {key}, which this UNet does not have: a LoRA of another architecture")
+        delta = lora_weight(down, up, alpha)
+        if delta.shape != layer.weight.shape:
+            raise WeightsError(f"{path}: {key} is {tuple(delta.shape)}, the UNet's layer {tuple(layer.weight.shape)}: "
+                               f"a LoRA of another architecture")
+        layer.weight.add_((strength * delta).to(layer.weight.device, layer.weight.dtype))
+    return unet

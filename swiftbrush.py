@@ -33,7 +33,7 @@ from harness.flags import UsageError, uses_bf16
 from harness.images import save_grid
 from harness.steplog import StepLog
 from harness.report import EVAL_COLUMNS, LOSS_COLUMNS, Report, loss_numbers
-from lora import inject_lora, lora_disabled
+from lora import Adapted, inject_lora, lora_disabled
 from memory.ema import EMA, HostEMA
 from memory.plan import memory_plan, peak_gb, write_memory_plan
 from memory.step_in_backward import OptimiserPerParameter, clip_and_step_in_backward
@@ -47,6 +47,12 @@ MINIATURES = ("miniature", "miniature-quick")
 STUDENT_T = (0.02, 0.98)  # the student's t ~ U(0.02 T, 0.98 T), as DreamFusion; the LoRA teacher's t ~ U(0, T)
 P_UNCOND = 0.1            # the LoRA teacher's prompt dropped to "", so that its CFG branch learns the student too
 MAX_GRAD_NORM = 1.0       # each network's gradients clipped to this global norm
+# --student-lora: the student a LoRA of the teacher's own UNet, as LCM-LoRA's (diffusers' examples/
+# consistency_distillation): every Linear and Conv2d of the UNet's blocks (time_emb_proj included; conv_in, conv_out
+# and the time embedding's MLP not), alpha = r (scale 1), its learning rate 1e-4 unless --lr is given
+STUDENT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                        "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+STUDENT_LORA_LR = 1e-4
 
 
 @dataclass
@@ -88,6 +94,8 @@ class Config:
     # Beyond the paper (docs/training.md#beyond-the-paper-k-step-students-and-other-starts)
     student_steps: int = 1         # K: a K-step student trained by backward simulation (DMD2); 1: the paper's
     student_init: str = None       # the student's start: a run, an export, a folder, a single file; None: the teacher
+    student_lora: int = 0          # r > 0: the student eps_theta a rank-r LoRA on the teacher's own UNet (lora.py:
+                                   # one UNet is all three networks); 0: the paper's, a full copy of the teacher
 
 
 # ==================================================================================================
@@ -151,7 +159,8 @@ class Schedule:
 class Models:
     """The networks of Algorithm 1 and what they are conditioned on."""
     teacher: UNet              # frozen; its LoRA switched off is eps_psi, on is eps_phi: one UNet, two scores
-    student: UNet              # eps_theta inside f_theta (Eq. 7), initialised from the teacher; trained in fp32
+    student: UNet              # eps_theta inside f_theta (Eq. 7), initialised from the teacher; trained in fp32;
+                               # with --student-lora lora.Adapted(teacher, "theta"), made by start_training
     schedule: Schedule
     prompts: object            # len(), prompts[i]: a PromptList, read from disk when drawn (formats/prompts.py)
     embeddings: object         # embeddings[i]: text states [n, L, D] of prompts[i], encoded per batch (formats/prompts)
@@ -365,7 +374,7 @@ def load_models(cfg, device):
     schedule = Schedule(scheduler_config(folder))
     if cfg.student_steps > schedule.T:
         raise UsageError(f"--student-steps {cfg.student_steps}: at most the teacher's {schedule.T} timesteps")
-    student, student_schedule = copy.deepcopy(teacher), schedule
+    student, student_schedule = None if cfg.student_lora else copy.deepcopy(teacher), schedule
     if cfg.student_init:
         student, student_schedule = load_student_init(cfg.student_init, teacher, schedule)
     return Models(teacher, student, schedule, prompts, embeddings, embeddings.uncond,
@@ -396,6 +405,9 @@ def check_recipe(cfg, device):
     --ablation this way before the first one trains."""
     if cfg.student_steps > 1 and cfg.param == "eps":
         raise UsageError("--student-steps > 1 re-noises the student's x0 (Eq. 7) at each step: not with --param eps")
+    if cfg.student_lora and cfg.student_init:
+        raise UsageError("--student-lora trains an adapter on the teacher's own UNet, so its start is the teacher: "
+                         "--student-init would need a second frozen UNet for its base; drop one of the two")
     if cfg.teacher_precision == "bf16" and not uses_bf16(cfg.precision, device):
         raise UsageError("--teacher-precision bf16 needs --precision bf16: the LoRA teacher trains through the bf16 "
                          "teacher under bf16 autocast")
@@ -405,21 +417,25 @@ def start_training(cfg, m, device, world=ONE):
     """Freeze the teacher, give it the LoRA of eps_phi, make the optimisers, the memory plan (which decides
     checkpointing and the EMA's place), the EMA (on rank 0 only) and the loop's RNG: `state`."""
     m.teacher.requires_grad_(False).to(device, teacher_dtype(cfg.teacher_precision))
-    m.student.requires_grad_(True).to(device, torch.float32).train()  # fp32 master weights: lr 1e-6 vanishes in bf16
-    opt_lora = None
+    torch.manual_seed(cfg.seed)  # the LoRAs' initialisation
+    opt_lora, teacher_ddp = None, m.teacher
     if cfg.loss == "vsd":  # SDS has no LoRA teacher
-        torch.manual_seed(cfg.seed)  # the LoRA's initialisation
         try:
             phi = inject_lora(m.teacher, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","))
         except ValueError as e:
             raise UsageError(f"--lora-targets {cfg.lora_targets!r}: {e}") from None
         m.teacher.train()
-        opt_lora = adam(phi, cfg.lora_lr, device)
+        opt_lora, teacher_ddp = adam(phi, cfg.lora_lr, device), Adapted(m.teacher, "phi")
+    if cfg.student_lora:  # eps_theta: an adapter on the same UNet, off but in the student's own forward
+        inject_lora(m.teacher, cfg.student_lora, cfg.student_lora, STUDENT_LORA_TARGETS, name="theta", on=False)
+        m.student = Adapted(m.teacher, "theta")
+    m.student.requires_grad_(True).to(device, torch.float32).train()  # fp32 master weights: lr 1e-6 vanishes in bf16
     gen = torch.Generator().manual_seed(cfg.seed)  # all of the loop's randomness: resumable exactly
     state = {"step": 0, "cursor": 0, "order": torch.randperm(len(m.prompts), generator=gen), "gen": gen,
              "opt_student": student_optimiser(cfg, m, device), "opt_lora": opt_lora, "ema": None, "world": world,
-             "student_ddp": m.student, "teacher_ddp": m.teacher}  # what the grad-enabled forwards call: over N
-    # ranks DDP's wrappers (harness/distributed.data_parallel), the modules themselves in one process
+             "student_ddp": m.student, "teacher_ddp": teacher_ddp}  # what the grad-enabled forwards call: over N
+    # ranks DDP's wrappers (harness/distributed.data_parallel), the modules themselves in one process (the LoRA
+    # teacher's the UNet seen as its adapter phi alone, whose gradients DDP all-reduces)
     state["plan"] = plan = memory_plan(cfg, m, state, device)
     m.teacher.gradient_checkpointing = m.student.gradient_checkpointing = plan["checkpointing"]
     if cfg.ema_decay > 0 and world.main:  # the step does not need it: on the CPU unless the device has room to spare
@@ -706,6 +722,9 @@ def runs_from_args(args):
         if "steps" not in given:
             print(f"steps: {Config.steps} (the paper's; 4.11 A100-days for the authors at batch 16: --steps N for a "
                   f"shorter run)")
+    if given.get("student_lora") and "lr" not in given:
+        given["lr"] = STUDENT_LORA_LR
+        print(f"lr: {STUDENT_LORA_LR:g} for the LoRA student (LCM-LoRA's; --lr N to change it)")
     base = Config(**{**(mini.miniature_defaults(model, given) if mini else {}), **given, "model": model})
     if not args.ablation:
         return base, [(run_name(base), base)]

@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 import lora
 import sample
 import swiftbrush as sb
-from conftest import (BASE, CPU, UNET_FILE, assert_same_ckpt, inputs, logged_now, read_ckpt, read_log, rel_err, run, same_tensors,
-                      sd21_base_on_meta)
+from conftest import (BASE, CPU, UNET_FILE, assert_same_ckpt, cli_args, cli_error, inputs, logged_now, read_ckpt,
+                      read_log, rel_err, run, same_tensors, sd21_base_on_meta)
 from formats import models
 from harness.steplog import StepLog
 from memory.ema import EMA, HostEMA
@@ -43,8 +43,8 @@ def test_lora_identity_toggle_merge_and_files(sd_root, tmp_path):
         assert all(n.endswith(("to_q", "to_v")) for n, _ in lora.lora_layers(net))
         assert torch.equal(net(x, t, ctx), teacher)  # B = 0: a fresh LoRA changes nothing
         g = torch.Generator().manual_seed(3)
-        for _, m in lora.lora_layers(net):
-            m.lora_up.weight.copy_(0.1 * torch.randn(m.lora_up.weight.shape, generator=g))
+        for _, a in lora.adapters(net):
+            a.lora_up.weight.copy_(0.1 * torch.randn(a.lora_up.weight.shape, generator=g))
         student = net(x, t, ctx)
         assert rel_err(teacher, student) > 1e-3
         with lora.lora_disabled(net):
@@ -61,28 +61,10 @@ def test_lora_identity_toggle_merge_and_files(sd_root, tmp_path):
         res = net.load_state_dict(official, strict=False)
         assert not res.unexpected_keys and set(res.missing_keys) == set(lora.lora_state_dict(net))
 
-        # save / load into a fresh UNet (injects it from the file's metadata)
-        path = str(tmp_path / "lora.safetensors")
-        lora.save_lora(net, path)
-        other = load_unet(sd_root)
-        config = lora.load_lora(other, path)
-        assert config == {"rank": 4, "alpha": 8.0, "targets": ["to_q", "to_v"]}
-        assert torch.equal(other(x, t, ctx), student)
-
-        # a file of another rank, or not a LoRA file at all
-        wrong = load_unet(sd_root)
-        lora.inject_lora(wrong, rank=2, alpha=8.0)
-        with pytest.raises(WeightsError):
-            lora.load_lora(wrong, path)
-        bad = tmp_path / "bad.safetensors"
-        bad.write_bytes(b"not a safetensors file")
-        with pytest.raises(WeightsError):
-            lora.load_lora(load_unet(sd_root), str(bad))
-
         # merge: same function, plain Linear layers, official keys only
         lora.merge_lora(net)
         assert not lora.lora_layers(net)
-        assert not any(isinstance(m, lora.LoRALinear) for m in net.modules())
+        assert not any(isinstance(m, lora.LoRALayer) for m in net.modules())
         assert set(net.state_dict()) == set(official)
         assert rel_err(student, net(x, t, ctx)) < 1e-5
     with pytest.raises(ValueError):
@@ -103,10 +85,10 @@ def test_lora_is_drawn_from_the_cpu_generator_on_every_device(sd_root):
         states.append(torch.get_rng_state())
         nets.append(net)
     assert torch.equal(*states) and not torch.equal(states[0], torch.manual_seed(0).get_state())
-    for _, m in lora.lora_layers(nets[1]):
-        assert m.lora_down.weight.device.type == m.lora_up.weight.device.type == "meta"
-    for _, m in lora.lora_layers(nets[0]):
-        assert 0 < m.lora_down.weight.abs().max() <= m.in_features ** -0.5 and not m.lora_up.weight.any()
+    for _, a in lora.adapters(nets[1]):
+        assert a.lora_down.weight.device.type == a.lora_up.weight.device.type == "meta"
+    for _, a in lora.adapters(nets[0]):
+        assert 0 < a.lora_down.weight.abs().max() <= a.lora_down.in_features ** -0.5 and not a.lora_up.weight.any()
 
 
 def test_lora_scale_is_alpha_over_r_as_loralib_and_peft():
@@ -117,10 +99,13 @@ def test_lora_scale_is_alpha_over_r_as_loralib_and_peft():
     r, alpha = 2, 7.0
     base = torch.nn.Linear(6, 5)
     x = torch.randn(3, 6)
-    layer = lora.LoRALinear.wrap(copy.deepcopy(base), r, alpha)
+    ours = torch.nn.Module()
+    ours.to_q = copy.deepcopy(base)
+    lora.inject_lora(ours, r, alpha, ["to_q"])
+    layer = ours.to_q
     with torch.no_grad():
-        layer.lora_up.weight.normal_()
-        A, B = layer.lora_down.weight, layer.lora_up.weight
+        layer.adapters["phi"].lora_up.weight.normal_()
+        A, B = layer.adapters["phi"].lora_down.weight, layer.adapters["phi"].lora_up.weight
         want = x @ base.weight.T + base.bias + (alpha / r) * (x @ A.T) @ B.T
         assert rel_err(want, layer(x)) < 1e-6 and rel_err(want, base(x)) > 0.1
 
@@ -132,8 +117,6 @@ def test_lora_scale_is_alpha_over_r_as_loralib_and_peft():
         assert theirs.scaling["default"] == alpha / r
         assert rel_err(theirs(x), layer(x)) < 1e-6
 
-        ours = torch.nn.Module()
-        ours.to_q = layer
         lora.merge_lora(ours)
         assert type(ours.to_q) is torch.nn.Linear and rel_err(want, ours.to_q(x)) < 1e-6
 
@@ -168,12 +151,9 @@ def _student_draws(root, x0, seed):
 
 def _cfg_by_hand(unet, x_t, t, ctx, uncond, scale, lora_on):
     """eps_u + s (eps_c - eps_u), the two branches as two separate calls, the LoRA switched as asked."""
-    lora.set_lora(unet, lora_on)
-    try:
+    with lora.adapters_on(unet, *(["phi"] if lora_on else [])):
         eps_u = unet(x_t, t, uncond.expand(len(x_t), -1, -1))
         eps_c = unet(x_t, t, ctx)
-    finally:
-        lora.set_lora(unet, True)
     return eps_u + scale * (eps_c - eps_u)
 
 
@@ -552,11 +532,11 @@ def test_vsd_steps_change_the_student_and_the_lora_and_nothing_else(sd_root, tmp
     m, _, log = run(sd_root, tmp_path / "vsd", 3)
     base = lora.base_state_dict(m.teacher)
     assert set(base) == set(official) and all(torch.equal(base[k], official[k]) for k in official)
-    assert not any(p.requires_grad for k, p in m.teacher.named_parameters() if "lora_" not in k)
+    assert not any(p.requires_grad for k, p in m.teacher.named_parameters() if ".adapters." not in k)
     st = m.student.state_dict()
     assert set(st) == set(official)
     assert any(not torch.equal(st[k], official[k]) for k in official)  # the student moved
-    ups = [mod.lora_up.weight for _, mod in lora.lora_layers(m.teacher)]
+    ups = [a.lora_up.weight for _, a in lora.adapters(m.teacher)]
     assert ups and all(u.abs().max() > 0 for u in ups)  # the LoRA moved (B started at 0)
     assert len(log) == 3 and all(np.isfinite(h["loss_lora"]) and h["loss_lora"] > 0 for h in log)
     assert log[0]["grad_norm_student"] == 0.0  # step 1: eps_psi == eps_phi, g = 0
@@ -1256,3 +1236,61 @@ def test_step_in_backward_resumes_exactly_and_may_change_on_resume(sd_root, stra
     run(sd_root, tmp_path / "changed", 3, step_in_backward=True)  # the same Adam state either way: it may change
     run(sd_root, tmp_path / "changed", 6)
     assert_same_ckpt(out6, tmp_path / "changed" / "checkpoint.safetensors")
+
+
+# --------------------------------------------------------------------------------------------------
+# --student-lora: the student an adapter theta on the teacher's own UNet, which is then all three networks
+
+
+def test_the_lora_student_is_an_adapter_on_the_teachers_own_unet(sd_root, tmp_path):
+    """After 3 steps: the student's parameters are the adapter theta's alone (LCM-LoRA's targets, every Linear and
+    Conv2d of the blocks, alpha = r), the UNet's base weights are still the teacher's file, phi and theta both
+    moved; with no adapter the UNet is the teacher, bit for bit; the student's forward is the UNet with theta merged
+    (a plain UNet loaded from merged_state_dict), and leaves phi on and theta off, the UNet's own state."""
+    official = load_file(os.path.join(sd_root, UNET_FILE))
+    m, state, log = run(sd_root, tmp_path, 3, student_lora=4)
+    theta = dict(m.student.named_parameters())
+    assert m.student.unet is m.teacher and len(log) == 3 and log[-1]["grad_norm_student"] > 0
+    assert set(theta) == {f"{key}.{part}.weight" for key in m.student.layer_of for part in ("lora_down", "lora_up")}
+    adapted = set(m.student.layer_of.values())
+    linear_and_conv = {n for n, mod in m.teacher.named_modules() if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d))
+                       and ".adapters." not in n}
+    assert adapted == {n for n in linear_and_conv if n.endswith(tuple("." + t for t in sb.STUDENT_LORA_TARGETS))}
+    assert adapted == linear_and_conv - {"conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2"}
+    assert {a.alpha / a.rank for _, a in lora.adapters(m.teacher, "theta")} == {1.0}
+    base = lora.base_state_dict(m.teacher)
+    assert set(base) == set(official) and all(torch.equal(base[k], official[k]) for k in official)
+    assert all(a.lora_up.weight.any() for name in ("phi", "theta") for _, a in lora.adapters(m.teacher, name))
+    x, ctx = inputs()
+    t = torch.tensor([999, 400])
+    plain = load_unet(sd_root)
+    with torch.no_grad():
+        with lora.lora_disabled(m.teacher):
+            assert torch.equal(m.teacher(x, t, ctx), plain(x, t, ctx))  # eps_psi
+        plain.load_state_dict(m.student.merged_state_dict())
+        assert rel_err(m.student(x, t, ctx), plain(x, t, ctx)) < 1e-5
+    assert [(name, a.enabled) for _, layer in lora.lora_layers(m.teacher) for name, a in layer.adapters.items()
+            if layer is m.teacher.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q] == [
+        ("phi", True), ("theta", False)]
+
+
+@pytest.mark.parametrize("kw", [{}, {"step_in_backward": True}], ids=["step", "step-in-backward"])
+def test_the_lora_student_trains_the_same_with_checkpointing(sd_root, tmp_path, kw):
+    """Gradient checkpointing recomputes each block in the backward, after the student's forward has switched theta
+    off again: the recomputation switches the adapters as they were at the forward, so the run is the same (the
+    wrong adapters in the recomputation give other gradients)."""
+    run(sd_root, tmp_path / "off", 2, student_lora=4, checkpointing="off", **kw)
+    run(sd_root, tmp_path / "on", 2, student_lora=4, checkpointing="on", **kw)
+    (off, _), (on, _) = read_ckpt(tmp_path / "off" / "checkpoint.safetensors"), read_ckpt(tmp_path / "on" /
+                                                                                          "checkpoint.safetensors")
+    assert all(rel_err(on[k].double(), off[k].double()) < 1e-5 for k in off if k.startswith(("student/", "lora/")))
+
+
+def test_the_lora_student_resumes_exactly_and_refuses_student_init(sd_root, tmp_path, capsys):
+    run(sd_root, tmp_path / "straight", 4, student_lora=4)
+    run(sd_root, tmp_path / "resumed", 2, student_lora=4)
+    run(sd_root, tmp_path / "resumed", 4, student_lora=4)
+    assert_same_ckpt(tmp_path / "straight" / "checkpoint.safetensors", tmp_path / "resumed" / "checkpoint.safetensors")
+    said = cli_error(cli_args(sd_root, tmp_path / "init", 2) + ["--student-lora", "4", "--student-init", sd_root],
+                     capsys)
+    assert said.startswith("swiftbrush: error: --student-lora trains an adapter on the teacher's own UNet")

@@ -9,6 +9,8 @@ import json
 import math
 import os
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -277,9 +279,16 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(boc[0], c.get("out_channels", 4), 3, padding=1)
         self.gradient_checkpointing = False
 
+    @staticmethod
+    def recompute_context(unet):
+        """What a checkpointed block's recomputation (in the backward) runs under, made at its forward; lora.py sets
+        its own, which switches the adapters as they were at the forward."""
+        return nullcontext()
+
     def _run(self, block, *args):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
+            contexts = lambda: (nullcontext(), self.recompute_context(self))
+            return checkpoint(block, *args, use_reentrant=False, context_fn=contexts)
         return block(*args)
 
     def forward(self, x, t, context):

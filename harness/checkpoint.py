@@ -19,9 +19,10 @@ from safetensors.torch import save_file
 
 from harness.atomic import atomic, write_json, write_text
 from harness.flags import UsageError
-from lora import lora_state_dict
+from lora import Adapted, lora_state_dict, save_lora_file
 
 CHECKPOINT = "checkpoint.safetensors"  # in the run's --out folder
+LORA_FILE = "student-lora.safetensors"  # a LoRA student's adapter, in unet/, unet_ema/ and the exports
 # Flags that may differ between a run and its --resume (everything else must match the checkpoint). --checkpointing
 # and --step-in-backward are memory choices with the same arithmetic (tested: bit-identical weights).
 RESUMABLE = {"steps", "save_every", "sample_every", "diagnose_every", "device", "checkpointing", "step_in_backward",
@@ -136,9 +137,14 @@ def load_checkpoint(cfg, m, state):
                               f"--checkpointing, --step-in-backward may change)")
     if meta["prompts_sha256"] != _sha(m.prompts):
         raise CheckpointError(f"{path} was trained on another prompt list; resume with the same --prompts file")
+    parts = (("student/", m.student.state_dict()), ("lora/", lora_state_dict(m.teacher)),
+             ("ema/", state["ema"].weights() if state["ema"] else {}))
+    missing = [prefix + k for prefix, sd in parts for k in sd if prefix + k not in tensors]
+    if missing:
+        raise CheckpointError(f"{path} does not hold this run's networks ({missing[0]} is missing): it was written by "
+                              f"another version of this code; start a new run in another --out")
     with torch.no_grad():
-        for prefix, sd in (("student/", m.student.state_dict()), ("lora/", lora_state_dict(m.teacher)),
-                           ("ema/", state["ema"].weights() if state["ema"] else {})):
+        for prefix, sd in parts:
             for k, v in sd.items():
                 v.copy_(tensors[prefix + k])
     groups = json.loads(meta["param_groups"])
@@ -166,10 +172,18 @@ def export_unet(state_dict, config, folder):
 
 
 def export_student(cfg, m, ema):
-    """unet/ (the student as trained) and unet_ema/ (`ema`, its EMA, unless None) in cfg.out."""
-    export_unet(m.student.state_dict(), m.student.config, os.path.join(cfg.out, "unet"))
-    if ema is not None:
-        export_unet(ema, m.student.config, os.path.join(cfg.out, "unet_ema"))
+    """unet/ (the student as trained) and unet_ema/ (`ema`, its EMA, unless None) in cfg.out. A LoRA student's are
+    its adapter merged into the teacher's weights, with the adapter alone beside them (LORA_FILE, kohya's layout)."""
+    for folder, weights in (("unet", None), ("unet_ema", ema)):
+        if folder == "unet_ema" and ema is None:
+            continue
+        folder = os.path.join(cfg.out, folder)
+        if not isinstance(m.student, Adapted):
+            export_unet(weights or m.student.state_dict(), m.student.config, folder)
+            continue
+        export_unet(m.student.merged_state_dict(weights), m.student.config, folder)
+        with atomic(os.path.join(folder, LORA_FILE)) as tmp:
+            save_lora_file(m.student, weights, tmp)
 
 
 def write_run_info(cfg, m):

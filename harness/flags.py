@@ -53,7 +53,7 @@ NUMBERS = {"steps": AT_LEAST_1, "batch_size": AT_LEAST_1, "grad_accum": AT_LEAST
            "guidance": FINITE, "lora_guidance": FINITE,
            "ema_decay": _checked(float, lambda v: 0 <= v < 1, "in [0, 1)"),
            "save_every": NEVER_OR_EVERY, "sample_every": NEVER_OR_EVERY, "diagnose_every": NEVER_OR_EVERY,
-           "student_steps": AT_LEAST_1}
+           "student_steps": AT_LEAST_1, "student_lora": _checked(int, lambda v: v >= 0, ">= 0 (0: the full student)")}
 
 
 def uses_bf16(precision, device):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from harness.atomic import write_json
 from harness.flags import uses_bf16
-from lora import lora_parameters
+from lora import Adapted, base_state_dict, inject_lora, lora_parameters
 from unet import UNet
 
 GB = 1e9
@@ -36,7 +36,6 @@ def memory_plan(cfg, m, state, device):
     world = state["world"]
     student = list(m.student.parameters())
     lora = lora_parameters(m.teacher) if state["opt_lora"] is not None else []
-    is_lora = {id(p) for p in lora}
     text_encoder = getattr(m.embeddings, "encoder", None)  # formats/prompts.py; a plain tensor of states has none
     if cfg.step_in_backward:  # each gradient is freed as soon as its parameter is stepped: at most the largest one
         grads = ("student grads (--step-in-backward: one parameter's at a time)", max(nbytes([p]) for p in student))
@@ -44,11 +43,13 @@ def memory_plan(cfg, m, state, device):
         grads = ("student grads: DDP's buckets (held from step to step)", nbytes(student))
     else:
         grads = ("student grads (freed before the LoRA pass)", nbytes(student))
+    lora_student = isinstance(m.student, Adapted)
+    teacher = ("teacher UNet (eps_psi, and eps_phi's and the LoRA student's base: one copy)" if lora_student else
+               "teacher UNet (eps_psi, and eps_phi's base: one copy)")
     on_device = {
-        "teacher UNet (eps_psi, and eps_phi's base: one copy)": nbytes(p for p in m.teacher.parameters()
-                                                                      if id(p) not in is_lora),
+        teacher: nbytes(base_state_dict(m.teacher).values()),
         "LoRA phi: weights, grads, Adam m and v": 4 * nbytes(lora),  # fp32, as the student's
-        "student theta: weights": nbytes(student),
+        ("student theta: the LoRA's weights (fp32)" if lora_student else "student theta: weights"): nbytes(student),
         grads[0]: grads[1],
         "student Adam m and v": 2 * nbytes(student),
         "text encoder (frozen; encodes each batch's prompts)": nbytes(text_encoder.parameters()) if text_encoder else 0,
@@ -99,7 +100,13 @@ def activation_gb(m, cfg, bf16):
     Not counted: the CUDA context and workspaces (HEADROOM), transients of the no-grad CFG passes."""
     dtype = torch.bfloat16 if bf16 else torch.float32
     with torch.device("meta"):
-        net = UNet(json.loads(json.dumps(m.student.config))).to(dtype).train()
+        net = UNet(json.loads(json.dumps(m.student.config)))
+    if isinstance(m.student, Adapted):  # its adapters' own saves (the r-wide projections); the draws spare the RNG
+        rank = next(iter(m.student.children())).rank
+        with torch.random.fork_rng(devices=[]):
+            inject_lora(net, rank, rank, list(m.student.layer_of.values()), name="theta")
+    net = net.to(dtype).train()
+    with torch.device("meta"):
         x = torch.zeros(cfg.batch_size, *m.latent_shape, dtype=dtype)
         context = torch.zeros(cfg.batch_size, *m.uncond.shape[1:], dtype=dtype)
     weights = {id(p) for p in net.parameters()}  # saved too, but held anyway: not activations
@@ -130,7 +137,8 @@ def activation_gb(m, cfg, bf16):
     ends = [start for start, _ in blocks[1:]] + [len(saved)]
     inside = [_unique_bytes(saved[start:end]) for (start, _), end in zip(blocks, ends)]
     outputs = sum(_unique_bytes(out) for _, out in blocks)
-    weight_copies = nbytes(m.student.parameters()) / 2 if bf16 else 0
+    forward_weights = base_state_dict(getattr(m.student, "unet", m.student)).values()  # the LoRA student's: the UNet's
+    weight_copies = nbytes(w for w in forward_weights if w.dtype == torch.float32) / 2 if bf16 else 0
     off = _unique_bytes(saved) + weight_copies
     on = _unique_bytes(saved) - sum(inside) + outputs + max(inside)
     return {"off": off / GB, "on": on / GB}

@@ -116,9 +116,11 @@ MUTANTS = [
     # the LoRA and --step-in-backward
     Mutant("lora-scale", "the LoRA's scale alpha / sqrt(r) in its forward and its merge alike", "lora.py",
            (("* (self.alpha / self.rank)", "* (self.alpha / self.rank ** 0.5)"),
-            ("* (m.alpha / m.rank)", "* (m.alpha / m.rank ** 0.5)"))),
+            ("* (alpha / rank)", "* (alpha / rank ** 0.5)"))),
+    Mutant("lora-recompute", "a checkpointed block recomputed with the UNet's own adapters, not its forward's",
+           "lora.py", (("    unet.recompute_context = adapters_as_now", "    pass"),)),
     Mutant("lora-always-on", "the LoRA never switched off: eps_psi is eps_phi", "lora.py",
-           (("m.lora_enabled = enabled", "m.lora_enabled = True"),)),
+           (("                a.enabled = name in self.names", "                a.enabled = True"),)),
     Mutant("in-backward-unclamped", "--step-in-backward scales small gradients up to norm 1",
            "memory/step_in_backward.py",
            (("clip = torch.clamp(max_norm / (norm + 1e-6), max=1.0)", "clip = max_norm / (norm + 1e-6)"),)),

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import swiftbrush as sb
-from lora import inject_lora, lora_layers
+from lora import adapters, inject_lora
 from unet import UNet
 
 TEACHER_PASSES = ("fp32", "tf32 conv", "tf32", "fp16", "bf16")  # against the fp64 reference; "tf32 conv": the
@@ -254,9 +254,9 @@ def randomise_lora(teacher, seed=0):
     """A trained LoRA's B is not zero: random, of A's scale, for set_effect to scale."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, layer in lora_layers(teacher):
-            up = layer.lora_up.weight
-            up.copy_(torch.randn(up.shape, generator=g) * layer.lora_down.weight.std())
+        for _, adapter in adapters(teacher):
+            up = adapter.lora_up.weight
+            up.copy_(torch.randn(up.shape, generator=g) * adapter.lora_down.weight.std())
 
 
 def set_effect(m, cfg, x0, context, target, seed=0):
@@ -264,8 +264,8 @@ def set_effect(m, cfg, x0, context, target, seed=0):
     (over_draws says the effect reached, on average over its draws)."""
     _, psi, phi = g_of(m, cfg, x0, context, "fp32", seed)
     with torch.no_grad():
-        for _, layer in lora_layers(m.teacher):
-            layer.lora_up.weight.mul_(target / relative(phi, psi))
+        for _, adapter in adapters(m.teacher):
+            adapter.lora_up.weight.mul_(target / relative(phi, psi))
 
 
 def sd_rows(effects=EFFECTS, n_draws=32):
