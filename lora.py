@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from unet import WeightsError
@@ -231,6 +232,15 @@ def save_lora_file(adapted, weights, path, dtype=torch.float32):
         tensors[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
     save_file(tensors, path, metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
                                        "ss_network_alpha": str(alpha)})
+
+
+def is_lora_file(path):
+    """Whether a .safetensors file holds a LoRA in kohya's layout (its keys lora_unet_*)."""
+    try:
+        with safe_open(path, "pt") as f:
+            return any(k.startswith("lora_unet_") for k in f.keys())
+    except Exception:
+        return False  # not readable: the caller's reader says why
 
 
 def read_lora_file(path):

@@ -6,7 +6,8 @@ guidance).
     python sample.py --model SD_FOLDER_OR_HUB_ID --teacher-steps 25 --prompt "a cat" # the teacher alone
 
 --student: a run folder, or any export of one (python -m formats.export): its pipeline/ folder, student.safetensors,
-or a UNet alone (student-unet.safetensors, a unet/ folder) with --model, the teacher that gives the VAE and text.
+or a UNet alone (student-unet.safetensors, a unet/ folder) with --model, the teacher that gives the VAE and text; a
+LoRA student's student-lora.safetensors with --model, the teacher or any finetune of it (--lora-strength).
 --model: a folder, a hub id or a single file, as for swiftbrush.py.
 """
 import argparse
@@ -68,7 +69,7 @@ def load_student(a):
     if a.teacher_steps and model is None and not is_run:
         raise UsageError(f"--teacher-steps with --student {a.student}: pass --model, the teacher to sample")
     try:
-        student = read_student(a.student, model, a.prediction_type, a.ema)
+        student = read_student(a.student, model, a.prediction_type, a.ema, a.lora_strength)
     except UsageError as e:  # it names the path: this names the flag
         raise UsageError(f"--student {e}") from None
     if student.model is None:
@@ -90,6 +91,9 @@ def model_flags(p):
                         "exports record; 1 for a UNet alone)")
     p.add_argument("--guidance", type=float, default=4.5, help="the teacher's CFG scale")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the student's EMA weights")
+    p.add_argument("--lora-strength", type=float, default=1.0,
+                   help="a LoRA student's file as --student, applied to --model at this strength (1: the student "
+                        "trained; --model may be any finetune of the teacher's architecture)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 

@@ -3,6 +3,8 @@
 - `pipeline/`: a diffusers StableDiffusionPipeline folder (the student's UNet with the teacher's VAE, text encoder
   and tokenizer) whose scheduler makes one step exactly Eq. 7: `pipe(prompt, num_inference_steps=1,
   guidance_scale=0)`; for a K-step student its K steps: `num_inference_steps=K`;
+- `student-lora.safetensors` (a LoRA student, `--student-lora`): its adapter alone, in kohya's layout, which ComfyUI's
+  LoraLoader, A1111 and diffusers' `load_lora_weights` apply to the teacher, or to any finetune of it, at a strength;
 - `student.safetensors`: an original single file (UNet, VAE, text encoder) that A1111, ComfyUI and Forge load as a
   checkpoint, complete in the original layout (the schedule buffers; SD 1's position_ids; SD 2's OpenCLIP block 23,
   text_projection and logit_scale); `student-unet.safetensors`: the UNet alone, in the same layout. Both in the
@@ -24,14 +26,16 @@ from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from formats.models import (HUB_ID, SINGLE_FILE, hub_snapshot, load_text, resolve_model, run_teacher,
                             scheduler_config, trailing_timesteps)
 from formats.single_file import (EXTRA_FILE, file_metadata, is_full_checkpoint, original_only_tensors, read_single_file,
                                  write_single_file)
 from harness.atomic import atomic
+from harness.checkpoint import LORA_FILE
 from harness.flags import UsageError
+from lora import apply_lora_file, is_lora_file
 from unet import WEIGHT_FILES, UNet, WeightsError, load_unet
 from vae import load_vae
 
@@ -99,6 +103,11 @@ def export_one_step(run, raw=False):
         extra = original_only_tensors(family, text, schedule) | (load_file(own) if os.path.exists(own) else {})
         write_single_file(os.path.join(tmp, "student.safetensors"), unet, vae, text, family, extra, said)
         write_single_file(os.path.join(tmp, "student-unet.safetensors"), unet, family=family, metadata=said)
+        lora_file = os.path.join(unet_dir, LORA_FILE)
+        if os.path.exists(lora_file):  # a LoRA student: its adapter alone, for the teacher or any finetune of it
+            with safe_open(lora_file, "pt") as f:
+                meta = f.metadata() or {}
+            save_file(cast(load_file(lora_file), dtype), os.path.join(tmp, LORA_FILE), metadata=meta | said)
     return out
 
 
@@ -175,10 +184,11 @@ class StoredStudent:
     latent_shape: tuple = None   # a run's x_0 shape
 
 
-def read_student(path, model=None, prediction_type=None, ema=True):
+def read_student(path, model=None, prediction_type=None, ema=True, lora_strength=1.0):
     """A run folder (its EMA UNet unless not ema), an exported pipeline or any Stable Diffusion folder (a hub id
-    too), a single file (full or UNet-only) or a unet/ folder, as a StoredStudent. `model`: the teacher's folder
-    where it is known, `prediction_type`: a single file's where its metadata does not say."""
+    too), a single file (full or UNet-only), a LoRA student's LoRA file (applied to `model` at `lora_strength`) or a
+    unet/ folder, as a StoredStudent. `model`: the teacher's folder where it is known, `prediction_type`: a single
+    file's where its metadata does not say."""
     if not os.path.exists(path) and HUB_ID.match(path):
         path = hub_snapshot(path)
     if os.path.exists(os.path.join(path, "swiftbrush.json")):  # a run: its EMA (or raw) UNet, its teacher
@@ -193,6 +203,13 @@ def read_student(path, model=None, prediction_type=None, ema=True):
     if path.lower().endswith(SINGLE_FILE):
         said = file_metadata(path)  # our exports record K and the prediction type
         steps = int(said.get("student_steps", 1))
+        if is_lora_file(path):
+            if model is None:
+                raise UsageError(f"{path} is a LoRA: pass --model, the model to apply it to (its teacher, or any "
+                                 f"finetune of the teacher's architecture)")
+            unet = apply_lora_file(load_unet(model), path, lora_strength)
+            return StoredStudent(unet.eval(), steps=steps, model=model,
+                                 prediction_type=said.get("prediction_type", prediction_type))
         if is_full_checkpoint(path):
             folder = resolve_model(path, prediction_type)
             return StoredStudent(load_unet(folder), steps=steps, model=model or folder,
