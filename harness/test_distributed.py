@@ -151,6 +151,8 @@ def jobs(sd_root, tmp_path_factory):
     one_process(tiny_flags(sd_root, r("ref")))
     one_process(QUICK_FLAGS + ["--out", r("quick_ref")])
     one_process(QUICK_FLAGS + ["--student-steps", "2", "--out", r("quick_k2_ref")])  # a 2-step student
+    lora_student = {"student-lora": 4, "lr": 1e-3, "checkpointing": "on"}  # DDP over the adapters theta and phi
+    one_process(tiny_flags(sd_root, r("lora_ref"), **lora_student))
     out = {}
     out["A"] = torchrun(tmp, 2, [
         {"kind": "main", "argv": tiny_flags(sd_root, r("two")), "hooks": {"copy_at": 3, "copy_to": r("two_at_3")}},
@@ -158,7 +160,8 @@ def jobs(sd_root, tmp_path_factory):
         {"kind": "main", "argv": tiny_flags(sd_root, r("checkpointing_on"), steps=2, checkpointing="on")},
         {"kind": "train", "argv": QUICK_FLAGS + ["--out", r("quick_two")]},
         {"kind": "train", "argv": QUICK_FLAGS + ["--student-steps", "2", "--out", r("quick_k2_two")]},
-        {"kind": "selfcheck", "argv": ["--model", sd_root, "--iterations", "3", "--peak-tflops", "1"]}])
+        {"kind": "selfcheck", "argv": ["--model", sd_root, "--iterations", "3", "--peak-tflops", "1"]},
+        {"kind": "main", "argv": tiny_flags(sd_root, r("lora_two"), **lora_student)}])
     shutil.copytree(r("two_at_3"), r("two_to_one"))
     out["B"] = torchrun(tmp, 1, [{"kind": "main", "argv": tiny_flags(sd_root, r("one_rank"))},
                                  {"kind": "main", "argv": tiny_flags(sd_root, r("two_to_one")) + ["--resume"]}])
@@ -205,13 +208,15 @@ def assert_the_maths_of_one_process(one, many):
 
 
 def test_two_ranks_train_with_the_maths_of_one_process(jobs):
-    """Tiny SD with --grad-accum 2 (no_sync on the first micro-batch) and the miniature's quick teacher
+    """Tiny SD with --grad-accum 2 (no_sync on the first micro-batch), also with the LoRA student (DDP over theta
+    and over phi, two views of one UNet, checkpointing on), and the miniature's quick teacher
     (--lora-steps 4: the no-grad re-renders; and a 2-step student, whose chain's noises are drawn whole too): every
     rank draws the whole batch and keeps its share."""
     runs, _, out = jobs
     done, codes = out["A"]
-    assert done.returncode == 0 and codes == {0: [0] * 6, 1: [0] * 6}, done.stderr[-3000:]
+    assert done.returncode == 0 and codes == {0: [0] * 7, 1: [0] * 7}, done.stderr[-3000:]
     assert_the_maths_of_one_process(runs / "ref", runs / "two")
+    assert_the_maths_of_one_process(runs / "lora_ref", runs / "lora_two")  # --student-lora, checkpointing on
     assert_the_maths_of_one_process(runs / "quick_ref", runs / "quick_two")
     assert_the_maths_of_one_process(runs / "quick_k2_ref", runs / "quick_k2_two")
     assert sb.read_log(str(runs / "two"))[0]["peak_gb"] > 0 and (runs / "two" / "export").is_dir()
