@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 import swiftbrush as sb
 from harness import checkpoint
 from harness.steplog import StepLog
+from tools.cards import sd21_base_on_meta  # noqa: F401 (the tests' too)
 from parity.tiny_sd import make_tiny_sd
 
 # Set before anything imports huggingface_hub (it reads them once): no download ever, an empty hub cache, and the
@@ -160,19 +161,3 @@ def straight6(sd_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight6")
     m, state, _ = run(sd_root, out, 6)
     return str(out), m, state
-
-
-def sd21_base_on_meta(cfg):
-    """SD 2.1-base's UNet (teacher and student) and SD 2's text encoder (fp32, as load_models gives it) on the meta
-    device, set up by start_training: (m, state)."""
-    import copy
-    from types import SimpleNamespace
-    from transformers import CLIPTextConfig, CLIPTextModel
-    from parity.configs import SD2_TEXT, SD21_BASE
-    with torch.device("meta"):
-        teacher = sb.UNet(json.loads(json.dumps(SD21_BASE)))
-        text_encoder = CLIPTextModel(CLIPTextConfig(**SD2_TEXT))
-    m = SimpleNamespace(teacher=teacher, student=copy.deepcopy(teacher), prompts=["a cat"] * 12,
-                        embeddings=SimpleNamespace(encoder=text_encoder), uncond=torch.zeros(1, 77, 1024),
-                        latent_shape=(4, 64, 64))
-    return m, sb.start_training(cfg, m, torch.device("meta"))
