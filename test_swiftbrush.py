@@ -1294,3 +1294,8 @@ def test_the_lora_student_resumes_exactly_and_refuses_student_init(sd_root, tmp_
     said = cli_error(cli_args(sd_root, tmp_path / "init", 2) + ["--student-lora", "4", "--student-init", sd_root],
                      capsys)
     assert said.startswith("swiftbrush: error: --student-lora trains an adapter on the teacher's own UNet")
+    said = cli_error(cli_args(sd_root, tmp_path / "beyond", 2) + ["--student-lora", "4", "--ablation", "beyond"],
+                     capsys)  # its last student starts from another: refused before the first one trains
+    assert "--student-lora trains an adapter" in said and not (tmp_path / "beyond").exists()
+    m, _, log = run(sd_root, tmp_path / "k2", 2, student_lora=4, student_steps=2)  # a 2-step LoRA student
+    assert len(log) == 2 and log[-1]["grad_norm_student"] > 0
