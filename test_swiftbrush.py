@@ -480,15 +480,17 @@ def test_the_loop_reads_a_steps_numbers_after_queueing_the_next(sd_root, tmp_pat
     assert events == ["step", "step", "read 1", "step", "read 2", "read 3", "save"]
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "not-fused"])
-@pytest.mark.parametrize("step_in_backward", [False, True], ids=["step", "step-in-backward"])
-def test_a_diverged_step_changes_no_weight_and_stops_the_run(sd_root, monkeypatch, step_in_backward, fused):
+@pytest.mark.parametrize("fused, step_in_backward, student_lora", [
+    (True, False, 0), (True, True, 0), (False, False, 0), (False, True, 0), (True, False, 4)],
+    ids=["fused-step", "fused-step-in-backward", "not-fused-step", "not-fused-step-in-backward", "lora-student"])
+def test_a_diverged_step_changes_no_weight_and_stops_the_run(sd_root, monkeypatch, step_in_backward, fused,
+                                                             student_lora):
     """Gradients that are not finite (both losses made NaN) skip both Adam updates, on the device with fused Adam
     (CUDA, the CPU) and after the host has read the norm without it (MPS), so the student, the LoRA and both Adams'
     states are bit for bit what they were; the step's log then names the first number that is not finite and the step."""
     if not fused:
         monkeypatch.setattr(sb, "adam", lambda params, lr, device: torch.optim.Adam(params, lr=lr, foreach=False))
-    m, cfg, state = _one_step(sd_root, step_in_backward=step_in_backward, lora_guidance=1.5)
+    m, cfg, state = _one_step(sd_root, step_in_backward=step_in_backward, lora_guidance=1.5, student_lora=student_lora)
     logged_now(sb.train_step(m, cfg, state, nullcontext()), state)  # one good step: Adam has a state
     sb.count_step(m, cfg, state)
     before = {k: v.clone() for k, v in {**m.student.state_dict(), **m.teacher.state_dict()}.items()}
