@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 
 import pytest
 import torch
@@ -95,7 +96,7 @@ def run(root, out, steps, models=None, **kw):
 def logged_now(logs, state):
     """train_step's numbers as train() logs them (harness/steplog.py), read at once: the row it writes."""
     log = StepLog(io.StringIO(), state["world"], [])
-    log.send(state["step"] + 1, logs)
+    log.send(state["step"] + 1, logs, time.time())
     log.flush()
     return json.loads(log.file.getvalue())
 

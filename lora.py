@@ -13,6 +13,7 @@ B A with the kernel folded in is a weight of the layer's shape. The base weights
 (`...to_q.weight`); an adapter sits beside them (`...to_q.adapters.phi.lora_down.weight`).
 """
 import math
+from contextlib import nullcontext
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -75,13 +76,18 @@ WITH_ADAPTERS = {nn.Linear: LoRALinear, nn.Conv2d: LoRAConv2d}
 
 
 def inject_lora(unet, rank=64, alpha=108.0, targets=("to_q", "to_v"), name="phi", on=True):
-    """Add adapter `name` (switched on, or off) beside every Linear and Conv2d whose name ends with one of `targets` (e.g.
-    "to_q", "to_out.0", "conv1"). A layer becomes its LoRA class in place (the same module, the same parameters).
-    Returns the adapter's parameters (the only ones its optimiser should see)."""
+    """Add adapter `name` (switched on, or off) beside every Linear and Conv2d whose name ends with one of
+    `targets` (e.g. "to_q", "to_out.0", "conv1"). A layer becomes its LoRA class in place (the same module, the same
+    parameters). Returns the adapter's parameters (the only ones its optimiser should see)."""
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-    found = [(n, m) for n, m in unet.named_modules() if type(m) in WITH_ADAPTERS or isinstance(m, LoRALayer)
-             if ".adapters." not in n and any(n == t or n.endswith("." + t) for t in targets)]
+
+    def is_target(layer_name, module):
+        adaptable = type(module) in WITH_ADAPTERS or isinstance(module, LoRALayer)
+        named = any(layer_name == t or layer_name.endswith("." + t) for t in targets)
+        return adaptable and named and ".adapters." not in layer_name  # not an adapter's own layers
+
+    found = [(n, m) for n, m in unet.named_modules() if is_target(n, m)]
     if not found:
         raise ValueError(f"no Linear or Conv2d layer in the UNet matches LoRA targets {list(targets)}")
     for layer_name, layer in found:
@@ -93,11 +99,17 @@ def inject_lora(unet, rank=64, alpha=108.0, targets=("to_q", "to_v"), name="phi"
         layer.adapters[name] = Adapter(layer, rank, alpha)
         layer.adapters[name].enabled = on
     unet.recompute_context = adapters_as_now  # unet.py: a checkpointed block recomputes with its forward's adapters
+    unet.all_adapters = all_adapters(unet)
     return lora_parameters(unet, name)
 
 
 def lora_layers(unet):
     return [(n, m) for n, m in unet.named_modules() if isinstance(m, LoRALayer)]
+
+
+def all_adapters(unet):
+    """[(name, adapter)] of every layer; kept as unet.all_adapters, so a switch walks no module tree."""
+    return [(name, a) for _, m in lora_layers(unet) for name, a in m.adapters.items()]
 
 
 def adapters(unet, name="phi"):
@@ -132,11 +144,10 @@ class AdapterSwitch:
         self.unet, self.names, self.before = unet, names, []
 
     def __enter__(self):
-        layers = [m for _, m in lora_layers(self.unet)]
-        self.before.append([(a, a.enabled) for m in layers for a in m.adapters.values()])
-        for m in layers:
-            for name, a in m.adapters.items():
-                a.enabled = name in self.names
+        every = getattr(self.unet, "all_adapters", [])
+        self.before.append([(a, a.enabled) for _, a in every])
+        for name, a in every:
+            a.enabled = name in self.names
         return self.unet
 
     def __exit__(self, *error):
@@ -151,7 +162,7 @@ def lora_disabled(unet):
 
 def adapters_as_now(unet):
     """A context that switches the UNet's adapters as they are now (entered later: a recomputation's)."""
-    return adapters_on(unet, *{name for _, m in lora_layers(unet) for name, a in m.adapters.items() if a.enabled})
+    return adapters_on(unet, *{name for name, a in unet.all_adapters if a.enabled})
 
 
 @torch.no_grad()
@@ -166,6 +177,7 @@ def merge_lora(unet, name="phi"):
         if not layer.adapters:
             del layer.adapters
             layer.__class__ = nn.Conv2d if isinstance(layer, nn.Conv2d) else nn.Linear
+    unet.all_adapters = all_adapters(unet)
     return unet
 
 
@@ -185,7 +197,13 @@ class Adapted(nn.Module):
         self.__dict__["unet"] = unet  # not a submodule: the base weights are not this network's
 
     def forward(self, x, t, context):
-        with adapters_on(self.unet, self.name):
+        """The UNet with this adapter. On a bf16 base (--teacher-precision bf16) a pass made outside autocast
+        (sample grids, a K-step chain: fp32 for a student of its own) runs under bf16 autocast: the base has no fp32
+        weights to run in."""
+        dtype = self.unet.conv_in.weight.dtype
+        kind = "cpu" if x.device.type == "meta" else x.device.type
+        cast = dtype != torch.float32 and not torch.is_autocast_enabled(kind)
+        with adapters_on(self.unet, self.name), torch.autocast(kind, dtype) if cast else nullcontext():
             return self.unet(x, t, context)
 
     def train(self, mode=True):
@@ -209,11 +227,12 @@ class Adapted(nn.Module):
         """The plain UNet's state dict (official keys, fp32) with the adapter folded into its base weights: the
         adapter's own, or `weights`, a state dict of this network (its EMA)."""
         weights = weights or self.state_dict()
-        merged = {k: v.detach().float() for k, v in base_state_dict(self.unet).items()}
+        # on the CPU: no second UNet on the device
+        merged = {k: v.detach().to("cpu", torch.float32) for k, v in base_state_dict(self.unet).items()}
         for key, layer_name in self.layer_of.items():
-            alpha = getattr(self, key).alpha
-            delta = lora_weight(weights[f"{key}.lora_down.weight"], weights[f"{key}.lora_up.weight"], alpha)
-            merged[f"{layer_name}.weight"] = merged[f"{layer_name}.weight"] + delta.to(merged[f"{layer_name}.weight"].device)
+            down, up = (weights[f"{key}.{part}.weight"].cpu() for part in ("lora_down", "lora_up"))
+            delta = lora_weight(down, up, getattr(self, key).alpha)
+            merged[f"{layer_name}.weight"] = merged[f"{layer_name}.weight"] + delta
         return merged
 
 

@@ -15,6 +15,7 @@ x0 = f_theta(z, y), Eq. 7), `score_gradient` (steps 2-3: Eq. 5 for VSD, Eq. 2 fo
 import copy
 import os
 import sys
+import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields, replace
 
@@ -282,7 +283,7 @@ def train_step(m, cfg, state, autocast):
                 logs["grad_norm_student"] = clip_and_step_in_backward(state["opt_student"], loss, MAX_GRAD_NORM)
             else:
                 (loss / cfg.grad_accum).backward()
-        logs["loss_student"] += loss.detach() / cfg.grad_accum                   # this rank's rows' (fetch_logs: all)
+        logs["loss_student"] += loss.detach() / cfg.grad_accum                   # this rank's rows' (the step's log: all)
         renders.append((x0.detach(), context))
     if not cfg.step_in_backward:
         logs["grad_norm_student"] = clip_and_step(state["opt_student"])
@@ -634,9 +635,10 @@ def train(cfg, models=None, progress=True):
           data_parallel(state, world, device)):  # over N ranks, DDP's wrappers, released at the end
         log = StepLog(file, world, caught, bar)  # each step's numbers written a step later: the GPU never waits
         while state["step"] < cfg.steps and not log.stopping:  # every rank stops after the same step
+            started = time.time()
             logs = train_step(m, cfg, state, autocast)
             count_step(m, cfg, state)
-            log.send(state["step"], logs, peak_gb=peak_gb(device))
+            log.send(state["step"], logs, started, peak_gb=peak_gb(device))
             if cfg.diagnose_every and state["step"] % cfg.diagnose_every == 0:
                 with autocast:
                     log.add(score_errors(m, cfg, world))

@@ -3,10 +3,12 @@ student, Eq. 5 / Eq. 2 gradients and their surrogate loss, the loop (what change
 the score diagnostics, export, sampling, text encoding and the layout. diffusers serves as the oracle. The tool
 around the method (CLI, kills, hub, ablation) is tested in harness/test_harness.py."""
 import copy
+import gc
 import json
 import math
 import os
 import threading
+import weakref
 from contextlib import nullcontext
 from dataclasses import replace
 
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import lora
 import sample
@@ -646,6 +648,10 @@ def test_the_host_ema_does_not_make_the_step_wait_for_its_lerp(monkeypatch):
     ema.update(0.5)
     with pytest.raises(RuntimeError):
         ema.weights()
+    alive = weakref.ref(ema)
+    del ema  # its worker holds it only while it lerps: the EMA goes with its run
+    gc.collect()
+    assert alive() is None
 
 
 def test_adam_steps_are_the_fused_kernel(sd_root, tmp_path, monkeypatch):
@@ -1301,3 +1307,25 @@ def test_the_lora_student_resumes_exactly_and_refuses_student_init(sd_root, tmp_
     assert "--student-lora trains an adapter" in said and not (tmp_path / "beyond").exists()
     m, _, log = run(sd_root, tmp_path / "k2", 2, student_lora=4, student_steps=2)  # a 2-step LoRA student
     assert len(log) == 2 and log[-1]["grad_norm_student"] > 0
+
+
+def test_the_lora_student_on_a_bf16_teacher_samples_and_runs_its_chain(sd_root, tmp_path):
+    """On a bf16 base (--teacher-precision bf16) the student's passes made outside autocast (the sample grid, a
+    2-step chain) run under bf16 autocast: the base has no fp32 weights to run in."""
+    m, _, log = run(sd_root, tmp_path, 2, student_lora=4, precision="bf16", teacher_precision="bf16", sample_every=2,
+                    student_steps=2)
+    assert len(log) == 2 and os.path.exists(tmp_path / "samples" / "step_000002.png")
+    assert m.teacher.conv_in.weight.dtype == torch.bfloat16
+
+
+def test_a_checkpoint_from_before_named_adapters_resumes(sd_root, straight6, tmp_path):
+    """Checkpoints written before the LoRA teacher's keys took its name (`X.lora_down.weight`, now
+    `X.adapters.phi.lora_down.weight`) resume to the same run."""
+    run(sd_root, tmp_path, 3)
+    path = tmp_path / "checkpoint.safetensors"
+    tensors, meta = read_ckpt(path)
+    old = {k.replace(".adapters.phi.", "."): v for k, v in tensors.items()}
+    assert any(k.startswith("lora/") and k.endswith(".to_q.lora_down.weight") for k in old)
+    save_file(old, str(path), metadata=meta)
+    run(sd_root, tmp_path, 6)
+    assert_same_ckpt(os.path.join(straight6[0], "checkpoint.safetensors"), path)

@@ -153,6 +153,8 @@ def write_pipeline(unet_dir, teacher, folder, scheduler):
                       ("tokenizer", os.path.join(teacher, "tokenizer"))):
         os.makedirs(os.path.join(folder, part))
         for name in os.listdir(src):
+            if name == LORA_FILE:  # a LoRA student's adapter: an export of its own, not a part of the pipeline
+                continue
             source, target = os.path.realpath(os.path.join(src, name)), os.path.join(folder, part, name)
             if not name.endswith((".safetensors", ".bin")):  # configs are copied: editing them must not touch
                 shutil.copy2(source, target)                  # the teacher's files or the hub cache

@@ -137,6 +137,8 @@ def load_checkpoint(cfg, m, state):
                               f"--checkpointing, --step-in-backward may change)")
     if meta["prompts_sha256"] != _sha(m.prompts):
         raise CheckpointError(f"{path} was trained on another prompt list; resume with the same --prompts file")
+    for k in [k for k in tensors if k.startswith("lora/") and ".adapters." not in k]:  # written before 2026-12-05's
+        tensors[k.replace(".lora_", ".adapters.phi.lora_")] = tensors.pop(k)           # named adapters: the same LoRA
     parts = (("student/", m.student.state_dict()), ("lora/", lora_state_dict(m.teacher)),
              ("ema/", state["ema"].weights() if state["ema"] else {}))
     missing = [prefix + k for prefix, sd in parts for k in sd if prefix + k not in tensors]

@@ -22,31 +22,30 @@ class StepLog:
         self.file, self.bar, self.world, self.caught = file, bar, world, caught
         self.sent = None  # the last step's numbers, on their way to the host
         self.stopping = False  # a rank caught a signal: stop after this step
-        self.last_sent = time.time()
 
-    def send(self, step, logs, **known):
+    def send(self, step, logs, started, **known):
         """Queue step `step`'s numbers (`logs`: tensors on the device; `known`: numbers the host has, logged beside
-        them, after sec_per_step: the time since the last send, a step's time once the host waits for the device),
-        then write the previous step's row."""
-        now = time.time()
-        known = {"sec_per_step": round(now - self.last_sent, 4), **known}
-        self.last_sent = now
+        them), then write the previous step's row. sec_per_step: from `started` (time.time() as the step began) to
+        the previous step's numbers read: the step's own time on the CPU, and once the host waits for the device
+        (its steady state) on a GPU; not the samples or checkpoints written between steps."""
         losses = [k for k in logs if k.startswith("loss_")]
         norms = [k for k in logs if k not in losses]  # the same on every rank
         device = logs[losses[0]].device
-        signal = torch.tensor([float(max(self.caught, default=0))]).to(device, non_blocking=True)
+        asynchronous = device.type == "cuda"  # pinned copies that need no wait; elsewhere (MPS) plain ones
+        signal = torch.tensor([float(max(self.caught, default=0))]).to(device, non_blocking=asynchronous)
         values = torch.cat([self.world.mean(torch.stack([logs[k] for k in losses]).float()),  # one all-reduce
                             torch.stack([logs[k] for k in norms]).float(),
                             self.world.max(signal)])  # and one more: the strongest signal of any rank
-        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=device.type == "cuda")
-        host.copy_(values, non_blocking=True)
-        done = torch.cuda.Event() if device.type == "cuda" else None
+        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=asynchronous)
+        host.copy_(values, non_blocking=asynchronous)
+        done = torch.cuda.Event() if asynchronous else None
         if done is not None:
             done.record()
         previous, self.sent = self.sent, {"step": step, "names": losses + norms, "order": list(logs), "host": host,
-                                          "done": done, "known": known}
+                                          "done": done}
         if previous is not None:
             self._write(previous)
+        self.sent["known"] = {"sec_per_step": round(time.time() - started, 4), **known}
 
     def add(self, numbers):
         """More numbers for the step just sent (its row is written at the next send, or at flush)."""

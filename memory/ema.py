@@ -14,6 +14,7 @@ constant between updates; this is exact, so a resume and a run of another length
 import queue
 import threading
 import time
+import weakref
 
 import torch
 
@@ -49,7 +50,11 @@ class HostEMA(EMA):
         self.free = threading.Event()  # the worker is done with the buffers
         self.free.set()
         self.jobs, self.error, self.waited_s = queue.Queue(), None, 0.0
-        threading.Thread(target=self._lerp_each_job, daemon=True).start()
+        # the worker holds the EMA only while it lerps, so that a run's EMA is freed with the run (an --ablation)
+        threading.Thread(target=lerp_each_job, args=(self.jobs, weakref.ref(self)), daemon=True).start()
+
+    def __del__(self):
+        self.jobs.put(None)  # the worker's last job: it ends
 
     def update(self, decay):
         start = time.perf_counter()
@@ -85,17 +90,23 @@ class HostEMA(EMA):
         self._raise_if_failed()
         return self.ema
 
-    def _lerp_each_job(self):
-        while True:
-            decay, copied = self.jobs.get()
-            try:
-                if copied is not None:
-                    copied.synchronize()
-                torch._foreach_lerp_(list(self.ema.values()), self.buffers, 1.0 - decay)
-            except BaseException as e:  # raised in the training thread at the next update
-                self.error = e
-            self.free.set()
-
     def _raise_if_failed(self):
         if self.error is not None:
             raise self.error
+
+
+def lerp_each_job(jobs, ema_ref):
+    """HostEMA's worker: for each (decay, copy event) queued, the lerp from the buffers once the copy is done."""
+    while (job := jobs.get()) is not None:
+        decay, copied = job
+        ema = ema_ref()
+        if ema is None:
+            return
+        try:
+            if copied is not None:
+                copied.synchronize()
+            torch._foreach_lerp_(list(ema.ema.values()), ema.buffers, 1.0 - decay)
+        except BaseException as e:  # raised in the training thread at the next update
+            ema.error = e
+        ema.free.set()
+        del ema

@@ -110,9 +110,10 @@ def loop_iteration(m, cfg, state, device):
     log = StepLog(io.StringIO(), state["world"], [])
 
     def iteration():
+        started = time.time()
         logs = sb.train_step(m, cfg, state, autocast)
         sb.count_step(m, cfg, state)
-        log.send(state["step"], logs)
+        log.send(state["step"], logs, started)
 
     iteration.log = log
     return iteration
