@@ -45,6 +45,6 @@ def test_a_signal_stops_after_the_step_that_carries_it_and_a_nan_names_its_step(
     log.send(3, numbers(0.5, 2.0), time.time())
     assert log.stopping and caught == [15]
     log = StepLog(io.StringIO(), ONE, [])
-    log.send(7, numbers(0.5, float("nan"), time.time()))
+    log.send(7, numbers(0.5, float("nan")), time.time())
     with pytest.raises(TrainingDiverged, match="grad_norm_student became nan at step 7"):
         log.send(8, numbers(0.5, 2.0), time.time())
