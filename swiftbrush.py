@@ -670,8 +670,10 @@ ABLATIONS = {"paper": [dict(loss="vsd", param="x0"), dict(loss="sds", param="x0"
 
 
 def run_label(cfg):
-    """A run's short name, its folder in an ablation and its curves' label: vsd-x0, sds-x0, vsd-x0-k4, ..."""
+    """A run's short name, its folder in an ablation and its curves' label: vsd-x0, sds-x0, vsd-x0-k4, vsd-x0-lora64,
+    ..."""
     label = f"{cfg.loss}-{cfg.param}" + (f"-k{cfg.student_steps}" if cfg.student_steps > 1 else "")
+    label += f"-lora{cfg.student_lora}" if cfg.student_lora else ""
     return label + (f"-from-{os.path.basename(os.path.normpath(cfg.student_init))}" if cfg.student_init else "")
 
 
@@ -682,6 +684,8 @@ def run_name(cfg):
         name += f", {cfg.student_steps} steps"
     if cfg.student_init:
         name += f", started from {os.path.basename(os.path.normpath(cfg.student_init))}"
+    if cfg.student_lora:
+        name += f", a rank-{cfg.student_lora} LoRA"
     return "SwiftBrush: " + name if name == "VSD, x0 student" else name
 
 
