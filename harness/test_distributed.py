@@ -258,7 +258,7 @@ def test_every_rank_holds_rank_0s_weights_and_only_rank_0_writes(jobs):
         zero, one = (load_file(str(weights / f"{run}-rank{r}.safetensors")) for r in (0, 1))
         assert zero.keys() == one.keys() and any(k.startswith("lora/") for k in zero), run
         assert all(torch.equal(zero[k], one[k]) for k in zero), run
-    assert out["A"][1][1] == [0] * 6
+    assert out["A"][1][1] == [0] * 7
 
 
 def test_a_nan_on_one_rank_and_sigterm_to_the_job_stop_every_rank(jobs):
