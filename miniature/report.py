@@ -12,10 +12,10 @@ from safetensors.torch import load_file, save_file
 import sample
 from harness.atomic import atomic
 from harness.checkpoint import read_log
-from formats.models import encode_prompts, load_text, scheduler_config
+from formats.models import cache_root, encode_prompts, load_text, scheduler_config
 from harness.report import Report
 from miniature import DEFAULTS, world
-from miniature.teacher import STAMP, build_teacher
+from miniature.teacher import STAMP, build_teacher, teacher_name
 from swiftbrush import Schedule, chain_noises, ema_weights, f_theta, k_step_x0, run_label
 from unet import load_unet
 
@@ -51,7 +51,7 @@ class MiniatureReport(Report):
         self.add_row("the world (truth)", None, [truth])
         self.add_row("the world + noise 0.4 (reference)", None, [truth + noise])
         self.add_row("the world, objects centred, + noise 0.4 (reference)", None, [centred + noise])
-        ref = self.reference_images(folder, e)
+        ref = self.reference_images(folder, model)
         self.bayes = ref["bayes"]
         self.add_row("Bayes-optimal one step, E[x0 given z] (reference)", 1, self.bayes, start=True)
         self.add_row(f"teacher, DDIM + CFG {DEFAULTS['guidance']:g}", e["ddim_steps"], ref["ddim"])
@@ -97,15 +97,17 @@ class MiniatureReport(Report):
             self.add(row, {**numbers, **run}, images, curves=(run_label(cfg), log) if row == name else None)
 
     @torch.no_grad()
-    def reference_images(self, folder, evaluation):
+    def reference_images(self, folder, model):
         """{"bayes", "ddim", "one_step"}: a list of images per noise seed. The Bayes-optimal start and the teacher's
-        DDIM take minutes, so they are cached beside the teacher, keyed by its files, the evaluation and the source of
-        world.py and sample.py; a damaged cache file is recomputed."""
+        DDIM take a minute, so they are cached (in the cache, also for the shipped teacher), keyed by the teacher's
+        files, the evaluation and the source of world.py and sample.py; a damaged cache file is recomputed."""
+        evaluation = EVALUATION[model]
         with open(os.path.join(folder, STAMP)) as f:
             teacher_files = json.load(f)["files"]
         key = json.dumps([teacher_files, evaluation, DEFAULTS["guidance"], inspect.getsource(world),
                           inspect.getsource(sample)], sort_keys=True)
-        path = f"{folder}-reference-{hashlib.sha256(key.encode()).hexdigest()[:12]}.safetensors"
+        digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+        path = os.path.join(cache_root(), f"{teacher_name(model)}-reference-{digest}.safetensors")
         try:
             flat = load_file(path)
             seeds = range(len(self.noises))
@@ -118,6 +120,7 @@ class MiniatureReport(Report):
                "ddim": [sample.ddim_sample(teacher, self.schedule, self.context, self.uncond, z,
                                            evaluation["ddim_steps"], DEFAULTS["guidance"]) for z in self.noises],
                "one_step": [f_theta(teacher, z, self.context, self.schedule) for z in self.noises]}
+        os.makedirs(cache_root(), exist_ok=True)
         with atomic(path, shared=True) as tmp:  # a killed run leaves no half-written cache
             save_file({f"{kind}_{i}": x.contiguous() for kind, xs in ref.items() for i, x in enumerate(xs)}, tmp)
         return ref

@@ -1,9 +1,12 @@
 """The miniature's teacher: trained on the world (world.py) with the same UNet, DDPM schedule and diffusion loss as
 Stable Diffusion, a small frozen random CLIP text encoder and a tokenizer written by world.py; pixel space, no VAE.
 
-Built once per machine into the cache (SWIFTBRUSH_CACHE, else $XDG_CACHE_HOME/swiftbrush, else ~/.cache/swiftbrush),
-in a folder named after a hash of its recipe, written whole or not at all (harness/atomic.py). It is reused only
-while the SHA-256 of every file matches the stamp written with it; a stale or damaged one is rebuilt."""
+The miniature's teacher ships in the repository (miniature/weights/, 3.3 MB), built by this file's recipe, so a first
+run starts at the student; `python -m miniature.teacher` rebuilds it from the recipe (7-13 minutes on 2 cores) and
+replaces it only if the new one passes its checks. Any other recipe (miniature-quick's, or this one edited) is built
+once per machine into the cache (SWIFTBRUSH_CACHE, else $XDG_CACHE_HOME/swiftbrush, else ~/.cache/swiftbrush), in a
+folder named after a hash of its recipe. Either is written whole or not at all (harness/atomic.py) and trusted only
+while the SHA-256 of every file matches the stamp written with it; a damaged one is rebuilt into the cache."""
 import hashlib
 import json
 import os
@@ -14,7 +17,7 @@ from harness.atomic import atomic
 from harness.checkpoint import export_unet
 from formats.models import cache_root, encode_prompts, load_text
 from miniature import world
-from swiftbrush import Schedule, diffusion_loss
+from swiftbrush import Schedule, diffusion_loss, f_theta
 from unet import UNet, load_unet
 
 MAX_LENGTH = 8  # tokens: "a yellow triangle" is 5 with bos/eos
@@ -31,6 +34,10 @@ SCHEDULER_CONFIG = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000,
 TRAINING = {"miniature": {"steps": 1500, "batch_size": 64, "lr": 1e-3, "seed": 0},       # docs/miniature.md
             "miniature-quick": {"steps": 40, "batch_size": 16, "lr": 1e-3, "seed": 0}}   # seconds: checks an install
 STAMP = "miniature.json"
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")  # the miniature's, built by its recipe
+# What the shipped teacher must show before a rebuild replaces it: its 25-step DDIM + CFG samples (sample.py) on the
+# world's 12 prompts x 8 noises (its table row: colour 1.00, shape 0.96), and its one-step start (Eq. 7) near E[x0|z]
+CHECKS = {"color_acc": 0.98, "shape_acc": 0.90, "start_error": 0.08}
 
 
 def recipe(model):
@@ -38,9 +45,25 @@ def recipe(model):
             "training": TRAINING[model], "world": world.PROMPTS}
 
 
-def teacher_folder(model):
+def teacher_name(model):
+    """{model}-teacher-{a hash of its recipe}: the cache's folder, and the name its reference rows are cached under."""
     digest = hashlib.sha256(json.dumps(recipe(model), sort_keys=True).encode()).hexdigest()[:12]
-    return os.path.join(cache_root(), f"{model}-teacher-{digest}")
+    return f"{model}-teacher-{digest}"
+
+
+def teacher_folder(model):
+    """The shipped folder if it was built by `model`'s recipe as it is now, else the cache's."""
+    if _stamped_recipe(SHIPPED) == recipe(model):
+        return SHIPPED
+    return os.path.join(cache_root(), teacher_name(model))
+
+
+def _stamped_recipe(folder):
+    try:
+        with open(os.path.join(folder, STAMP)) as f:
+            return json.load(f)["recipe"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _files_sha(folder):
@@ -67,18 +90,28 @@ def is_intact(folder):
 
 
 def build_teacher(model, progress=True):
-    """The folder of the miniature's teacher: from the cache, or trained now (plain DDPM loss, 10% caption dropout
-    for CFG) and cached."""
+    """The folder of the miniature's teacher: the shipped one, the cache's, or trained now (plain DDPM loss, 10%
+    caption dropout for CFG) and cached."""
     folder = teacher_folder(model)
     if is_intact(folder):
-        print(f"teacher: {folder} (cached)")
+        print(f"teacher: {folder} ({'shipped' if folder == SHIPPED else 'cached'})")
         return folder
+    if folder == SHIPPED:  # a damaged checkout (a Git LFS pointer, a bad byte): the recipe rebuilds it in the cache
+        print(f"teacher: {SHIPPED}'s files differ from its stamp ({STAMP}): a fresh checkout restores it")
+        folder = os.path.join(cache_root(), teacher_name(model))
+        if is_intact(folder):
+            print(f"teacher: {folder} (cached)")
+            return folder
     print(f"teacher: training the miniature's teacher once for this machine, into {folder}")
+    _write_teacher(folder, model, progress)
+    return folder
+
+
+def _write_teacher(folder, model, progress):
     with atomic(folder, shared=True) as tmp:  # a killed build leaves only the temporary folder, a damaged teacher is replaced
         _train_teacher(tmp, TRAINING[model], progress)
         with open(os.path.join(tmp, STAMP), "w") as f:
             json.dump({"recipe": recipe(model), "files": _files_sha(tmp)}, f, indent=2)
-    return folder
 
 
 def _train_teacher(folder, training, progress):
@@ -108,3 +141,52 @@ def _train_teacher(folder, training, progress):
         loss.backward()
         opt.step()
     export_unet(unet.state_dict(), UNET_CONFIG, os.path.join(folder, "unet"))
+
+
+@torch.no_grad()
+def teacher_checks(folder, per_prompt=8, seed=1000):
+    """CHECKS' numbers of the teacher in `folder`: its DDIM + CFG samples' colour and shape accuracy (world.evaluate)
+    and the rms distance of its one-step image to the Bayes-optimal E[x0 | z] (world.bayes_optimal_start)."""
+    import sample
+    from formats.models import scheduler_config
+    from miniature import DEFAULTS
+    tokenizer, encoder = load_text(folder)
+    captions = [p for p in world.PROMPTS for _ in range(per_prompt)]
+    context, uncond = encode_prompts(tokenizer, encoder, captions), encode_prompts(tokenizer, encoder, [""])
+    unet, schedule = load_unet(folder), Schedule(scheduler_config(folder))
+    z = torch.randn((len(captions), 3, world.RES, world.RES), generator=torch.Generator().manual_seed(seed))
+    samples = sample.ddim_sample(unet, schedule, context, uncond, z, 25, DEFAULTS["guidance"]).clamp(-1, 1)
+    numbers = world.evaluate(samples, captions)
+    alpha_T, sigma_T = schedule.alpha[-1].item(), schedule.sigma[-1].item()
+    start = f_theta(unet, z, context, schedule)
+    bayes = world.bayes_optimal_start(z, captions, alpha_T, sigma_T)
+    return {"color_acc": numbers["color_acc"], "shape_acc": numbers["shape_acc"],
+            "start_error": (start - bayes).square().mean().sqrt().item()}
+
+
+def failed_checks(numbers):
+    """The CHECKS `numbers` fails, as one line each (empty: it passes)."""
+    return [f"{key} {numbers[key]:.3f} {'<' if key != 'start_error' else '>'} {bound}" for key, bound in CHECKS.items()
+            if (numbers[key] > bound if key == "start_error" else numbers[key] < bound)]
+
+
+def rebuild(model="miniature", folder=SHIPPED, progress=True):
+    """Train `model`'s recipe into a new folder, check it, and put it at `folder` only if it passes. Returns the
+    checks' numbers; says whether the new weights equal the old ones bit for bit."""
+    old = _files_sha(folder) if is_intact(folder) else None
+    new = f"{folder}.rebuilt"
+    _write_teacher(new, model, progress)
+    numbers = teacher_checks(new)
+    failed = failed_checks(numbers)
+    if failed:
+        raise RuntimeError(f"the rebuilt teacher ({new}) fails its checks: {'; '.join(failed)}; {folder} is kept")
+    same = old == _files_sha(new)
+    with atomic(folder) as tmp:
+        os.replace(new, tmp)
+    print(f"teacher: rebuilt into {folder}: " + ", ".join(f"{k} {v:.3f}" for k, v in numbers.items())
+          + (": the same bits as before" if same else "" if old is None else ": other bits than before"))
+    return numbers
+
+
+if __name__ == "__main__":
+    rebuild()

@@ -327,6 +327,41 @@ def test_teacher_cache_is_reused_and_rebuilt_when_damaged(capsys):
     load_unet(folder)
 
 
+def test_the_shipped_teacher_is_this_recipes_and_passes_its_checks():
+    assert teacher.teacher_folder("miniature") == teacher.SHIPPED and teacher.is_intact(teacher.SHIPPED)
+    numbers = teacher.teacher_checks(teacher.SHIPPED)
+    assert teacher.failed_checks(numbers) == [], numbers
+    assert teacher.failed_checks({**numbers, "shape_acc": 0.5}) == ["shape_acc 0.500 < 0.9"]
+
+
+def test_a_damaged_shipped_teacher_is_trained_into_the_cache(tmp_path, monkeypatch, capsys):
+    shipped = str(tmp_path / "weights")
+    monkeypatch.setattr(teacher, "SHIPPED", shipped)
+    teacher._write_teacher(shipped, "miniature-quick", progress=False)  # as if the quick recipe's were shipped
+    assert teacher.build_teacher("miniature-quick", progress=False) == shipped and "(shipped)" in capsys.readouterr().out
+    with open(os.path.join(shipped, "unet", "diffusion_pytorch_model.safetensors"), "r+b") as f:
+        f.seek(1000)
+        f.write(b"\0\0\0\0")
+    folder = teacher.build_teacher("miniature-quick", progress=False)
+    assert folder.startswith(os.environ["SWIFTBRUSH_CACHE"]) and teacher.is_intact(folder)
+    assert "differ from its stamp" in capsys.readouterr().out
+
+
+def test_rebuild_is_bit_exact_and_replaces_only_a_teacher_that_passes(tmp_path, monkeypatch, capsys):
+    folder = str(tmp_path / "weights")
+    # the checks' numbers stand in for teacher_checks (the shipped teacher's own are tested above): the quick
+    # recipe's 40 steps teach no shapes
+    monkeypatch.setattr(teacher, "teacher_checks", lambda f: {"color_acc": 1.0, "shape_acc": 0.95, "start_error": 0.07})
+    teacher.rebuild("miniature-quick", folder, progress=False)
+    stamp = open(os.path.join(folder, teacher.STAMP)).read()
+    teacher.rebuild("miniature-quick", folder, progress=False)  # the recipe, trained again: the same bits
+    assert "the same bits as before" in capsys.readouterr().out and open(os.path.join(folder, teacher.STAMP)).read() == stamp
+    monkeypatch.setattr(teacher, "teacher_checks", lambda f: {"color_acc": 1.0, "shape_acc": 0.5, "start_error": 0.07})
+    with pytest.raises(RuntimeError, match="fails its checks: shape_acc 0.500 < 0.9"):
+        teacher.rebuild("miniature-quick", folder, progress=False)
+    assert teacher.is_intact(folder) and open(os.path.join(folder, teacher.STAMP)).read() == stamp  # kept
+
+
 # ------------------------------------------------------------------------------------------ the Bayes-optimal start
 def test_posterior_mean_of_two_constant_images_by_hand():
     """x_0 is a or b with probability 1/2: E[x_0 | x_t] = p a + (1 - p) b, p = sigmoid of the log-likelihood ratio."""
