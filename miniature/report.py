@@ -1,10 +1,12 @@
 """The miniature's report: every student scored against the world's truth, beside the world itself and the teacher
 (DDIM + CFG, and one step: Eq. 7 at initialisation), on fixed prompts and noises the same for every row."""
 import copy
+import glob
 import hashlib
 import inspect
 import json
 import os
+import tempfile
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -15,7 +17,7 @@ from harness.checkpoint import read_log
 from formats.models import cache_root, encode_prompts, load_text, scheduler_config
 from harness.report import Report
 from miniature import DEFAULTS, world
-from miniature.teacher import STAMP, build_teacher, teacher_name
+from miniature.teacher import SHIPPED, STAMP, build_teacher, teacher_name
 from swiftbrush import Schedule, chain_noises, ema_weights, f_theta, k_step_x0, run_label
 from unet import load_unet
 
@@ -30,7 +32,7 @@ COLUMNS = [("sampling_steps", "sampling steps", "{}"), ("steps", "training steps
 
 
 class MiniatureReport(Report):
-    def __init__(self, out, model):
+    def __init__(self, out, model, write_to=None):
         super().__init__(out, COLUMNS)
         e = EVALUATION[model]
         self.captions = [p for p in world.PROMPTS for _ in range(e["per_prompt"])]
@@ -51,7 +53,7 @@ class MiniatureReport(Report):
         self.add_row("the world (truth)", None, [truth])
         self.add_row("the world + noise 0.4 (reference)", None, [truth + noise])
         self.add_row("the world, objects centred, + noise 0.4 (reference)", None, [centred + noise])
-        ref = self.reference_images(folder, model)
+        ref = self.reference_images(folder, model, write_to)
         self.bayes = ref["bayes"]
         self.add_row("Bayes-optimal one step, E[x0 given z] (reference)", 1, self.bayes, start=True)
         self.add_row(f"teacher, DDIM + CFG {DEFAULTS['guidance']:g}", e["ddim_steps"], ref["ddim"])
@@ -97,30 +99,49 @@ class MiniatureReport(Report):
             self.add(row, {**numbers, **run}, images, curves=(run_label(cfg), log) if row == name else None)
 
     @torch.no_grad()
-    def reference_images(self, folder, model):
+    def reference_images(self, folder, model, write_to=None):
         """{"bayes", "ddim", "one_step"}: a list of images per noise seed. The Bayes-optimal start and the teacher's
-        DDIM take a minute, so they are cached (in the cache, also for the shipped teacher), keyed by the teacher's
-        files, the evaluation and the source of world.py and sample.py; a damaged cache file is recomputed."""
-        evaluation = EVALUATION[model]
-        with open(os.path.join(folder, STAMP)) as f:
-            teacher_files = json.load(f)["files"]
-        key = json.dumps([teacher_files, evaluation, DEFAULTS["guidance"], inspect.getsource(world),
-                          inspect.getsource(sample)], sort_keys=True)
-        digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-        path = os.path.join(cache_root(), f"{teacher_name(model)}-reference-{digest}.safetensors")
-        try:
-            flat = load_file(path)
-            seeds = range(len(self.noises))
-            return {kind: [flat[f"{kind}_{i}"] for i in seeds] for kind in ("bayes", "ddim", "one_step")}
-        except Exception:  # missing or damaged
-            pass
+        DDIM take a minute, so they are stored, keyed by the teacher's files, the evaluation and the source of
+        world.py and sample.py: the shipped teacher's ship beside it (`python -m miniature.report` writes them),
+        any other's are cached; missing or damaged ones are computed and cached. write_to: compute them into it."""
+        name = f"reference-{reference_digest(folder, model)}.safetensors"
+        cached = os.path.join(cache_root(), f"{teacher_name(model)}-{name}")
+        for path in [] if write_to else [os.path.join(folder, name), cached]:
+            try:
+                flat = load_file(path)
+                seeds = range(len(self.noises))
+                return {kind: [flat[f"{kind}_{i}"] for i in seeds] for kind in ("bayes", "ddim", "one_step")}
+            except Exception:  # missing or damaged
+                pass
         alpha_T, sigma_T = self.schedule.alpha[-1].item(), self.schedule.sigma[-1].item()
         teacher = load_unet(folder)
         ref = {"bayes": [world.bayes_optimal_start(z, self.captions, alpha_T, sigma_T) for z in self.noises],
                "ddim": [sample.ddim_sample(teacher, self.schedule, self.context, self.uncond, z,
-                                           evaluation["ddim_steps"], DEFAULTS["guidance"]) for z in self.noises],
+                                           EVALUATION[model]["ddim_steps"], DEFAULTS["guidance"]) for z in self.noises],
                "one_step": [f_theta(teacher, z, self.context, self.schedule) for z in self.noises]}
-        os.makedirs(cache_root(), exist_ok=True)
-        with atomic(path, shared=True) as tmp:  # a killed run leaves no half-written cache
+        path = os.path.join(write_to, name) if write_to else cached
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with atomic(path, shared=True) as tmp:  # a killed run leaves no half-written file
             save_file({f"{kind}_{i}": x.contiguous() for kind, xs in ref.items() for i, x in enumerate(xs)}, tmp)
         return ref
+
+
+def reference_digest(folder, model):
+    """What the reference rows depend on, hashed: the teacher's files, the evaluation, CFG, world.py and sample.py."""
+    with open(os.path.join(folder, STAMP)) as f:
+        teacher_files = json.load(f)["files"]
+    key = json.dumps([teacher_files, EVALUATION[model], DEFAULTS["guidance"], inspect.getsource(world),
+                      inspect.getsource(sample)], sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def ship_reference_rows():
+    """python -m miniature.report: the shipped teacher's reference rows, into miniature/weights (its old ones out)."""
+    for old in glob.glob(os.path.join(SHIPPED, "reference-*.safetensors")):
+        os.remove(old)
+    MiniatureReport(tempfile.mkdtemp(), "miniature", write_to=SHIPPED)
+    print(f"reference rows: {glob.glob(os.path.join(SHIPPED, 'reference-*.safetensors'))[0]}")
+
+
+if __name__ == "__main__":
+    ship_reference_rows()

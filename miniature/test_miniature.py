@@ -334,6 +334,22 @@ def test_the_shipped_teacher_is_this_recipes_and_passes_its_checks():
     assert teacher.failed_checks({**numbers, "shape_acc": 0.5}) == ["shape_acc 0.500 < 0.9"]
 
 
+def test_the_shipped_teacher_ships_its_current_reference_rows():
+    """Its reference rows (the teacher's DDIM, one step, E[x0 | z]) are keyed by what they depend on: an edit to
+    sample.py or world.py leaves them unused, and this fails until `python -m miniature.report` writes them again."""
+    from safetensors.torch import load_file
+    from formats.models import encode_prompts, load_text, scheduler_config
+    name = f"reference-{report.reference_digest(teacher.SHIPPED, 'miniature')}.safetensors"
+    assert os.path.exists(os.path.join(teacher.SHIPPED, name)), "stale: run python -m miniature.report"
+    one_step = load_file(os.path.join(teacher.SHIPPED, name))["one_step_0"]
+    captions = [p for p in world.PROMPTS for _ in range(report.EVALUATION["miniature"]["per_prompt"])]
+    context = encode_prompts(*load_text(teacher.SHIPPED), captions)
+    z = torch.randn(one_step.shape, generator=torch.Generator().manual_seed(1000))
+    with torch.no_grad():
+        want = sb.f_theta(load_unet(teacher.SHIPPED), z, context, sb.Schedule(scheduler_config(teacher.SHIPPED)))
+    assert torch.allclose(one_step, want, atol=1e-5)
+
+
 def test_a_damaged_shipped_teacher_is_trained_into_the_cache(tmp_path, monkeypatch, capsys):
     shipped = str(tmp_path / "weights")
     monkeypatch.setattr(teacher, "SHIPPED", shipped)
