@@ -13,6 +13,7 @@ x0 = f_theta(z, y), Eq. 7), `score_gradient` (steps 2-3: Eq. 5 for VSD, Eq. 2 fo
     python swiftbrush.py --student-init runs/sds   # beyond the paper: the student starts from another model
 """
 import copy
+import math
 import os
 import sys
 import time
@@ -72,6 +73,7 @@ class Config:
     batch_size: int = 16
     grad_accum: int = 1
     lr: float = 1e-6               # student
+    lr_schedule: str = "constant"  # the student's lr: constant (the authors') | cosine (from lr to 0 over the run)
     lora_lr: float = 1e-3
     lora_rank: int = 64
     lora_alpha: float = 108.0
@@ -95,6 +97,8 @@ class Config:
     # Beyond the paper (docs/training.md#beyond-the-paper-k-step-students-and-other-starts)
     student_steps: int = 1         # K: a K-step student trained by backward simulation (DMD2); 1: the paper's
     student_init: str = None       # the student's start: a run, an export, a folder, a single file; None: the teacher
+    sds_start: int = 0             # N > 0: the VSD student starts from an SDS student trained N steps first, into
+                                   # OUT/sds-start (SwiftBrush v2 starts from SD-Turbo, a mode-seeking one-step model)
     student_lora: int = 0          # r > 0: the student eps_theta a rank-r LoRA on the teacher's own UNet (lora.py:
                                    # one UNet is all three networks); 0: the paper's, a full copy of the teacher
 
@@ -272,6 +276,8 @@ def train_step(m, cfg, state, autocast):
     The student is stepped (its gradients freed) before the LoRA pass: one UNet of gradients less at the peak; with
     --step-in-backward (one micro-batch) it is stepped inside its backward, its gradients never held whole."""
     logs, world = {"loss_student": 0.0}, state["world"]
+    for group in state["opt_student"].param_groups:
+        group["lr"] = student_lr(cfg, state["step"])
     renders = []  # (sg(x0), y) of each micro-batch, for step 5
     for i in range(cfg.grad_accum):
         with accumulating(state["student_ddp"], last=i == cfg.grad_accum - 1):  # DDP: all-reduce on the last
@@ -302,6 +308,14 @@ def train_step(m, cfg, state, autocast):
                 logs["loss_lora"] += loss_phi.detach() / cfg.grad_accum
             logs["grad_norm_lora"] = clip_and_step(state["opt_lora"])
     return logs
+
+
+def student_lr(cfg, step):
+    """The student's lr at `step` (from 0): cfg.lr, or with --lr-schedule cosine cfg.lr (1 + cos(pi step / steps)) / 2
+    (SGDR's, without restarts), so the run's last steps barely move the student: its last iterate is its best."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
 
 
 def clip_and_step(opt):
@@ -674,7 +688,9 @@ def run_label(cfg):
     ..."""
     label = f"{cfg.loss}-{cfg.param}" + (f"-k{cfg.student_steps}" if cfg.student_steps > 1 else "")
     label += f"-lora{cfg.student_lora}" if cfg.student_lora else ""
-    return label + (f"-from-{os.path.basename(os.path.normpath(cfg.student_init))}" if cfg.student_init else "")
+    if cfg.student_init and not cfg.sds_start:
+        label += f"-from-{os.path.basename(os.path.normpath(cfg.student_init))}"
+    return label
 
 
 def run_name(cfg):
@@ -682,11 +698,13 @@ def run_name(cfg):
     name = f"{cfg.loss.upper()}, {cfg.param} student"
     if cfg.student_steps > 1:
         name += f", {cfg.student_steps} steps"
-    if cfg.student_init:
+    if cfg.student_init and not cfg.sds_start:
         name += f", started from {os.path.basename(os.path.normpath(cfg.student_init))}"
     if cfg.student_lora:
         name += f", a rank-{cfg.student_lora} LoRA"
-    return "SwiftBrush: " + name if name == "VSD, x0 student" else name
+    if name == "VSD, x0 student":
+        name = "SwiftBrush: " + name
+    return name + (", from an SDS start" if cfg.sds_start and cfg.loss == "vsd" else "")
 
 
 def miniature_package(model):
@@ -732,15 +750,39 @@ def runs_from_args(args):
         given["lr"] = STUDENT_LORA_LR
         print(f"lr: {STUDENT_LORA_LR:g} for the LoRA student (LCM-LoRA's; --lr N to change it)")
     base = Config(**{**(mini.miniature_defaults(model, given) if mini else {}), **given, "model": model})
+    base = check_sds_start(base, given, args.ablation)
     if not args.ablation:
-        return base, [(run_name(base), base)]
+        return base, with_sds_start(run_name(base), base)
     runs = []
     for o in ABLATIONS[args.ablation]:
         if "student_init" in o:  # a student of this ablation, trained before this one
             o = {**o, "student_init": os.path.join(base.out, o["student_init"])}
         cfg = replace(base, **o)
-        runs.append((run_name(cfg), replace(cfg, out=os.path.join(base.out, run_label(cfg)))))
+        runs += with_sds_start(run_name(cfg), replace(cfg, out=os.path.join(base.out, run_label(cfg))))
     return base, runs
+
+
+def with_sds_start(name, cfg):
+    """--sds-start N: [the SDS student cfg starts from, trained N steps into OUT/sds-start; cfg, started from it], or
+    [cfg] alone (no start, or an SDS student). The start is cfg with Eq. 2 for Eq. 5, all else equal."""
+    if not cfg.sds_start or cfg.loss == "sds":
+        return [(name, cfg)]
+    start = replace(cfg, loss="sds", steps=cfg.sds_start, sds_start=0, out=os.path.join(cfg.out, "sds-start"))
+    return [(f"{run_name(start)}, the start", start), (name, replace(cfg, student_init=start.out))]
+
+
+def check_sds_start(base, given, ablation):
+    """Where another start is asked for (--student-init, --ablation beyond's own) or none can be taken (a LoRA
+    student's base is the teacher), --sds-start is 0: said in a line when it was a default, refused when a flag."""
+    other = ("--student-lora" if base.student_lora else "--student-init" if base.student_init
+             else "--ablation beyond" if ablation == "beyond" else None)
+    if not base.sds_start or not other:
+        return base
+    if "sds_start" in given:
+        raise UsageError(f"--sds-start {base.sds_start} starts the student from an SDS student trained first: not "
+                         f"with {other}, which sets its start: drop one of the two")
+    print(f"sds-start: 0 with {other}, which sets the student's start")
+    return replace(base, sds_start=0)
 
 
 def main(argv=None):
@@ -778,12 +820,13 @@ def main(argv=None):
             report.add(name, numbers, samples, curves=(run_label(cfg), read_log(cfg.out)))
         if not world.main:
             return close()
+        student = next((cfg.out for name, cfg in runs if not name.endswith(", the start")), runs[0][1].out)
         if not mini and not coco:
             report.notes.append(f"FID, CLIP score and FD-DINOv2 (COCO-2014): add --eval-captions captions_val2014.json "
                                 f"--eval-images val2014/ to this command, or run python -m evaluation --student "
-                                f"{runs[0][1].out} --captions captions_val2014.json --images val2014/ (docs/evaluation.md)")
+                                f"{student} --captions captions_val2014.json --images val2014/ (docs/evaluation.md)")
         print("\n" + report.write())
-        print(f"done: written to {base.out}; sample with: python sample.py --student {runs[0][1].out} --prompt \"...\"")
+        print(f"done: written to {base.out}; sample with: python sample.py --student {student} --prompt \"...\"")
         close()  # torchrun's process group, if any
     except (UsageError, WeightsError, CheckpointError) as e:
         sys.exit(f"swiftbrush: error: {e}")

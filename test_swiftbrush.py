@@ -703,6 +703,28 @@ def test_resume_is_exact(sd_root, straight6, tmp_path):
     assert any(not torch.equal(t["ema/" + k[8:]], v) for k, v in t.items() if k.startswith("student/"))
 
 
+def test_cosine_lr_reaches_the_student_and_resumes_exactly(sd_root, tmp_path, monkeypatch):
+    cfg = sb.Config(lr=1e-3, steps=4, lr_schedule="cosine")
+    assert [sb.student_lr(cfg, n) for n in range(4)] == pytest.approx([1e-3, 8.5355e-4, 5e-4, 1.4645e-4], rel=1e-4)
+    assert sb.student_lr(sb.Config(lr=1e-3, steps=4), 3) == 1e-3
+    m, state, _ = run(sd_root, tmp_path / "straight", 4, lr_schedule="cosine", save_every=2)
+    assert state["opt_student"].param_groups[0]["lr"] == sb.student_lr(cfg, 3)  # the last step's
+    constant = run(sd_root, tmp_path / "constant", 4)[0].student.state_dict()
+    assert any(not torch.equal(v, constant[k]) for k, v in m.student.state_dict().items())
+    real_step = sb.train_step
+
+    def crash_in_step_3(m, cfg, state, autocast):  # after step 2's checkpoint: a run of 4 steps, stopped
+        if state["step"] == 2:
+            raise RuntimeError("crash")
+        return real_step(m, cfg, state, autocast)
+    monkeypatch.setattr(sb, "train_step", crash_in_step_3)
+    with pytest.raises(RuntimeError, match="crash"):
+        run(sd_root, tmp_path / "resumed", 4, lr_schedule="cosine", save_every=2)
+    monkeypatch.setattr(sb, "train_step", real_step)
+    run(sd_root, tmp_path / "resumed", 4, lr_schedule="cosine", save_every=2)
+    assert_same_ckpt(tmp_path / "straight" / "checkpoint.safetensors", tmp_path / "resumed" / "checkpoint.safetensors")
+
+
 # --------------------------------------------------------------------------------------------------
 # Export and sampling
 

@@ -53,7 +53,8 @@ NUMBERS = {"steps": AT_LEAST_1, "batch_size": AT_LEAST_1, "grad_accum": AT_LEAST
            "guidance": FINITE, "lora_guidance": FINITE,
            "ema_decay": _checked(float, lambda v: 0 <= v < 1, "in [0, 1)"),
            "save_every": NEVER_OR_EVERY, "sample_every": NEVER_OR_EVERY, "diagnose_every": NEVER_OR_EVERY,
-           "student_steps": AT_LEAST_1, "student_lora": _checked(int, lambda v: v >= 0, ">= 0 (0: the full student)")}
+           "student_steps": AT_LEAST_1, "student_lora": _checked(int, lambda v: v >= 0, ">= 0 (0: the full student)"),
+           "sds_start": _checked(int, lambda v: v >= 0, ">= 0 (0: the student starts from the teacher)")}
 
 
 def uses_bf16(precision, device):
@@ -76,6 +77,8 @@ def parse_args(argv, description, defaults):
     p.add_argument("--loss", choices=["vsd", "sds"], help="VSD (Eq. 5, default) or SDS (Eq. 2)")
     p.add_argument("--param", choices=["x0", "eps"], help="student output: Eq. 7's x0 (default) or the raw eps")
     p.add_argument("--weighting", choices=["sigma2", "dmd"], help="w(t): sigma_t^2 (default) or DMD's")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"],
+                   help="the student's lr: constant (default; the authors') or cosine (from --lr to 0 over the run)")
     p.add_argument("--lora-loss", choices=["abar", "plain"],
                    help="the LoRA teacher's loss: Eq. 6 weighted by abar_t (default) or the model's own DDPM loss")
     for name, kind in NUMBERS.items():

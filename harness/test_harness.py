@@ -399,6 +399,28 @@ def test_ablation_beyond_the_paper_on_stable_diffusion(sd_root, tmp_path, capsys
     assert pipeline["_class_name"] == "LCMScheduler" and pipeline["original_inference_steps"] == 4
 
 
+def test_sds_start_trains_the_sds_student_first_and_starts_from_it(sd_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    cli(cli_args(sd_root, out, 2) + ["--sds-start", "3"])
+    table = (out / "table.md").read_text().split("\n\n")[0]
+    names = ["SDS, x0 student, the start", "SwiftBrush: VSD, x0 student, from an SDS start"]
+    assert [line.split(" | ")[0] for line in table.splitlines()[2:]] == [f"| {name}" for name in names]
+    start = json.load(open(out / "sds-start" / "swiftbrush.json"))["config"]
+    vsd = json.load(open(out / "swiftbrush.json"))["config"]
+    assert (start["loss"], start["steps"], start["student_init"]) == ("sds", 3, None)
+    assert (vsd["loss"], vsd["steps"], vsd["student_init"]) == ("vsd", 2, str(out / "sds-start"))
+    assert {k: v for k, v in start.items() if k not in ("loss", "steps", "out", "sds_start", "student_init")} == \
+        {k: v for k, v in vsd.items() if k not in ("loss", "steps", "out", "sds_start", "student_init")}
+    assert f"python sample.py --student {out} " in capsys.readouterr().out  # the student, not its start
+    sds_log, vsd_log = checkpoint.read_log(out / "sds-start"), checkpoint.read_log(out)
+    assert sds_log[0]["grad_norm_student"] > 0 and vsd_log[0]["grad_norm_student"] == 0  # Eq. 2, then Eq. 5
+    # a default --sds-start gives way to a start the command asks for, and says so; a given one is refused
+    mini = sb.runs_from_args(sb.parse_args(["--model", "miniature-quick", "--student-lora", "4"]))[1]
+    assert [c.sds_start for _, c in mini] == [0] and "sds-start: 0 with --student-lora" in capsys.readouterr().out
+    assert "not with --student-init" in cli_error(cli_args(sd_root, tmp_path / "x", 2) + [
+        "--sds-start", "3", "--student-init", str(out)], capsys)
+
+
 @pytest.mark.parametrize("extra, words", [
     (["--model", "miniature", "--prompts", "p.txt"], "drop --prompts"),
     (["--student-steps", "2", "--param", "eps"], "not with --param eps"),

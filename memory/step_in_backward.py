@@ -52,6 +52,11 @@ class OptimiserPerParameter:
         self.params = list(params)
         self.optimisers = {p: make([p]) for p in self.params}  # a tensor's hash is its identity
 
+    @property
+    def param_groups(self):
+        """Each optimiser's one group (a learning rate set in each is set for all)."""
+        return [o.param_groups[0] for o in self.optimisers.values()]
+
     def state_dict(self):
         state = {}
         for i, p in enumerate(self.params):

@@ -4,20 +4,30 @@
 - world.py: a synthetic text-to-image world (16x16 RGB, one of 3 shapes in one of 4 colours at a random position
   and size on grey, captioned "a red circle", ...) whose truth is known, and metrics against that truth;
 - teacher.py: a tiny teacher trained on it with the same UNet, schedule and diffusion loss as the real thing,
-  stored once per machine as a Stable Diffusion folder: from there on it is just another --model folder;
+  shipped as a Stable Diffusion folder (weights/, 3.3 MB): from there on it is just another --model folder;
 - swiftbrush.train: the very loop used on Stable Diffusion, with the defaults below;
 - report.py: each student, the teacher (one step and DDIM) and the world itself scored in one table.
-`--model miniature-quick` does the same in seconds (a 40-step teacher, 6 student steps, a small evaluation): it
+`--model miniature-quick` does the same in seconds (a 40-step teacher, 3 + 6 student steps, a small evaluation): it
 checks an install, not the method. The miniature imports the method; the method imports it only to resolve --model.
 """
 import os
 
-# The miniature's training defaults, where they differ from the authors' (swiftbrush.Config). Any flag overrides them.
+from swiftbrush import STUDENT_LORA_TARGETS
+
+# The miniature's training defaults, where they differ from the authors' (swiftbrush.Config); measured in
+# docs/log.md (2026-12-05). Any flag overrides them.
 DEFAULTS = {
-    "steps": 1200,                       # shapes are the last thing the student learns (docs/miniature.md)
+    "sds_start": 400,                    # the student starts from an SDS student (400 steps, 30 s), as SwiftBrush v2
+                                         # starts from SD-Turbo: its clean, mode-seeking images are where VSD's pixel
+                                         # noise never comes from (VSD from the teacher: background 0.09, not 0.06)
+    "steps": 600,                        # then VSD: shapes, positions and sizes spread like the teacher's
     "batch_size": 8,                     # as good as 16 here, and faster per step
-    "lr": 1e-4,                          # the student's; the authors' 1e-6 is for the 866 M-parameter SD UNet
+    "lr": 2e-4,                          # the student's; the authors' 1e-6 is for the 866 M-parameter SD UNet
+    "lr_schedule": "cosine",             # to 0 at the end: the last steps settle the student instead of moving it
+    "weighting": "dmd",                  # DMD's w(t), uniform over t in x0: small t, where pixel noise shows, count
     "lora_rank": 8, "lora_alpha": 8.0,   # rank 64 would be full rank for these 32- and 64-wide projections
+    "lora_targets": ",".join(STUDENT_LORA_TARGETS),  # every Linear and Conv2d of the blocks (LCM-LoRA's), not to_q,
+                                         # to_v alone: a LoRA teacher that models more of the student
     "guidance": 2.0,                     # at CFG 4.5 this small teacher's own samples lose colour and diversity
     "lora_guidance": 2.0,                # one scale for both, as the authors: 2 vs 1 leaves a CFG push that saturates
     "lora_steps": 4, "lora_loss": "plain",  # DMD2's two time-scale update and the plain loss: with one abar-weighted
@@ -28,7 +38,7 @@ DEFAULTS = {
     "device": "cpu",                     # 16x16 pixels and 0.8 M parameters: a GPU would not be faster
     "out": "runs/miniature",
 }
-QUICK = {**DEFAULTS, "steps": 6, "batch_size": 4, "save_every": 0, "sample_every": 0, "diagnose_every": 3,
+QUICK = {**DEFAULTS, "sds_start": 3, "steps": 6, "batch_size": 4, "save_every": 0, "sample_every": 0, "diagnose_every": 3,
          "out": "runs/miniature-quick"}
 
 
