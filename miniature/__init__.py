@@ -17,9 +17,10 @@ from swiftbrush import STUDENT_LORA_TARGETS
 # The miniature's training defaults, where they differ from the authors' (swiftbrush.Config); measured in
 # docs/log.md (2026-12-05). Any flag overrides them.
 DEFAULTS = {
-    "sds_start": 400,                    # the student starts from an SDS student (400 steps, 30 s), as SwiftBrush v2
-                                         # starts from SD-Turbo: its clean, mode-seeking images are where VSD's pixel
-                                         # noise never comes from (VSD from the teacher: background 0.09, not 0.06)
+    "sds_start": 1200,                   # the student starts from an SDS student (1200 steps at a quarter of VSD's
+                                         # cost), as SwiftBrush v2 starts from SD-Turbo: clean images, which VSD then
+                                         # spreads; from the teacher VSD keeps a pixel noise it hardly sees (a 400-step
+                                         # start: background 0.088, not 0.072; docs/miniature.md)
     "steps": 600,                        # then VSD: shapes, positions and sizes spread like the teacher's
     "batch_size": 8,                     # as good as 16 here, and faster per step
     "lr": 2e-4,                          # the student's; the authors' 1e-6 is for the 866 M-parameter SD UNet
