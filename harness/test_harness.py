@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -441,11 +442,14 @@ def test_flags_that_do_not_go_together(tmp_path, capsys, extra, words):
 def test_default_model_says_which_and_why(monkeypatch, capsys):
     for cuda, model, why in ((True, sb.PAPER_TEACHER, "a CUDA GPU is here"), (False, "miniature", "no CUDA GPU")):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-        cfg, [(_, run)] = sb.runs_from_args(sb.parse_args(["--steps", "5"]))
-        assert run == cfg
+        cfg, runs = sb.runs_from_args(sb.parse_args(["--steps", "5"]))
+        assert runs[-1][1] == (cfg if cuda else replace(cfg, student_init=os.path.join(cfg.out, "sds-start")))
+        assert [c.loss for _, c in runs] == (["vsd"] if cuda else ["sds", "vsd"])  # the miniature's SDS start
         first = capsys.readouterr().out.splitlines()[0]
         assert cfg.model == model and cfg.steps == 5 and first.startswith(f"model: {model} (") and why in first
     assert cfg.lr == miniature.DEFAULTS["lr"] != sb.Config.lr  # the miniature's own defaults, flags over them
+    assert miniature.DEFAULTS["lora_targets"] == ",".join(sb.STUDENT_LORA_TARGETS)  # written out: world.py imports
+    # nothing of the method
 
 
 def test_stable_diffusion_trains_the_papers_prompts_and_length_and_says_so(sd_root, tmp_path, monkeypatch, capsys):

@@ -12,8 +12,6 @@ checks an install, not the method. The miniature imports the method; the method 
 """
 import os
 
-from swiftbrush import STUDENT_LORA_TARGETS
-
 # The miniature's training defaults, where they differ from the authors' (swiftbrush.Config); measured in
 # docs/log.md (2026-12-05). Any flag overrides them.
 DEFAULTS = {
@@ -27,8 +25,9 @@ DEFAULTS = {
     "lr_schedule": "cosine",             # to 0 at the end: the last steps settle the student instead of moving it
     "weighting": "dmd",                  # DMD's w(t), uniform over t in x0: small t, where pixel noise shows, count
     "lora_rank": 8, "lora_alpha": 8.0,   # rank 64 would be full rank for these 32- and 64-wide projections
-    "lora_targets": ",".join(STUDENT_LORA_TARGETS),  # every Linear and Conv2d of the blocks (LCM-LoRA's), not to_q,
-                                         # to_v alone: a LoRA teacher that models more of the student
+    "lora_targets": "to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2,conv1,conv2,conv_shortcut,"
+                    "downsamplers.0.conv,upsamplers.0.conv,time_emb_proj",  # every Linear and Conv2d of the blocks
+                                         # (swiftbrush.STUDENT_LORA_TARGETS, LCM-LoRA's), not to_q, to_v alone
     "guidance": 2.0,                     # at CFG 4.5 this small teacher's own samples lose colour and diversity
     "lora_guidance": 2.0,                # one scale for both, as the authors: 2 vs 1 leaves a CFG push that saturates
     "lora_steps": 4, "lora_loss": "plain",  # DMD2's two time-scale update and the plain loss: with one abar-weighted

@@ -129,6 +129,11 @@ MUTANTS = [
            (("steps = skip_if_not_finite(opt.optimisers.values(), norm)", "steps = True"),)),
     Mutant("in-backward-unclipped", "--step-in-backward steps on unclipped gradients", "memory/step_in_backward.py",
            (("p.grad.mul_(clip)", "p.grad.mul_(1.0)"),)),
+    # Beyond the paper: the student's lr schedule and its SDS start
+    Mutant("lr-cosine-rising", "--lr-schedule cosine rises from 0 to lr instead of falling from lr to 0", "swiftbrush.py",
+           (("return cfg.lr * 0.5 * (1 + math.cos(", "return cfg.lr * 0.5 * (1 - math.cos("),)),
+    Mutant("sds-start-unused", "--sds-start trains the SDS student, and the VSD student starts from the teacher",
+           "swiftbrush.py", (("(name, replace(cfg, student_init=start.out))]", "(name, cfg)]"),)),
 ]
 
 
