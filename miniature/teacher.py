@@ -165,9 +165,19 @@ def teacher_checks(folder, per_prompt=8, seed=1000):
 
 
 def failed_checks(numbers):
-    """The CHECKS `numbers` fails, as one line each (empty: it passes)."""
-    return [f"{key} {numbers[key]:.3f} {'<' if key != 'start_error' else '>'} {bound}" for key, bound in CHECKS.items()
-            if (numbers[key] > bound if key == "start_error" else numbers[key] < bound)]
+    """The CHECKS `numbers` fails, as one line each (empty: it passes). The start error is an upper bound, the
+    accuracies are lower bounds."""
+    failed = []
+    for key, bound in CHECKS.items():
+        if key == "start_error" and numbers[key] > bound:
+            failed.append(f"{key} {numbers[key]:.3f} > {bound}")
+        if key != "start_error" and numbers[key] < bound:
+            failed.append(f"{key} {numbers[key]:.3f} < {bound}")
+    return failed
+
+
+class CheckFailed(Exception):
+    """A rebuilt teacher that fails its checks: the old one is kept."""
 
 
 def rebuild(model="miniature", folder=SHIPPED, progress=True):
@@ -179,14 +189,19 @@ def rebuild(model="miniature", folder=SHIPPED, progress=True):
     numbers = teacher_checks(new)
     failed = failed_checks(numbers)
     if failed:
-        raise RuntimeError(f"the rebuilt teacher ({new}) fails its checks: {'; '.join(failed)}; {folder} is kept")
-    same = old == _files_sha(new)
+        raise CheckFailed(f"the rebuilt teacher ({new}) fails its checks: {'; '.join(failed)}; {folder} is kept")
+    if old is None:
+        compared = ""
+    else:
+        compared = ": the same bits as before" if old == _files_sha(new) else ": other bits than before"
     with atomic(folder) as tmp:
         os.replace(new, tmp)
-    print(f"teacher: rebuilt into {folder}: " + ", ".join(f"{k} {v:.3f}" for k, v in numbers.items())
-          + (": the same bits as before" if same else "" if old is None else ": other bits than before"))
+    print(f"teacher: rebuilt into {folder}: " + ", ".join(f"{k} {v:.3f}" for k, v in numbers.items()) + compared)
     return numbers
 
 
 if __name__ == "__main__":
-    rebuild()
+    try:
+        rebuild()
+    except CheckFailed as e:
+        raise SystemExit(f"miniature.teacher: {e}") from None

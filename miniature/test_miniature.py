@@ -374,7 +374,7 @@ def test_rebuild_is_bit_exact_and_replaces_only_a_teacher_that_passes(tmp_path, 
     teacher.rebuild("miniature-quick", folder, progress=False)  # the recipe, trained again: the same bits
     assert "the same bits as before" in capsys.readouterr().out and open(os.path.join(folder, teacher.STAMP)).read() == stamp
     monkeypatch.setattr(teacher, "teacher_checks", lambda f: {"color_acc": 1.0, "shape_acc": 0.5, "start_error": 0.07})
-    with pytest.raises(RuntimeError, match="fails its checks: shape_acc 0.500 < 0.9"):
+    with pytest.raises(teacher.CheckFailed, match="fails its checks: shape_acc 0.500 < 0.9"):
         teacher.rebuild("miniature-quick", folder, progress=False)
     assert teacher.is_intact(folder) and open(os.path.join(folder, teacher.STAMP)).read() == stamp  # kept
 
