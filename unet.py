@@ -1,9 +1,12 @@
-"""Stable Diffusion's UNet (SD 1.x and 2.x), from scratch, in the official (diffusers-layout) key names.
+"""Stable Diffusion's UNet (SD 1.x, 2.x and XL), from scratch, in the official (diffusers-layout) key names.
 
 Every module is named after the keys of `unet/diffusion_pytorch_model.safetensors`
 (`down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight`, ...), so the official weights
 load with `load_state_dict(strict=True)` and no converter. Architecture: Rombach et al., "High-Resolution
-Image Synthesis with Latent Diffusion Models" (CVPR 2022), as configured by `unet/config.json`.
+Image Synthesis with Latent Diffusion Models" (CVPR 2022), as configured by `unet/config.json`; SDXL (Podell et al.,
+"SDXL: Improving Latent Diffusion Models for High-Resolution Image Synthesis", ICLR 2024) is the same blocks configured
+otherwise (no attention at the first level, 1/2/10 transformer layers), plus the time embedding's "micro-conditioning":
+the pooled text embedding and the image's size and crop (six ids) added to it (`add_embedding`).
 """
 import json
 import math
@@ -199,15 +202,35 @@ class UNetBlock(nn.Module):
 
 DOWN_TYPES = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}  # type -> has attention
 UP_TYPES = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
-UNSUPPORTED = {"class_embed_type": None, "addition_embed_type": None, "encoder_hid_dim": None,
+UNSUPPORTED = {"class_embed_type": None, "encoder_hid_dim": None,
                "time_cond_proj_dim": None, "num_class_embeds": None, "only_cross_attention": False,
                "dual_cross_attention": False, "resnet_time_scale_shift": "default",
                "time_embedding_type": "positional", "center_input_sample": False, "act_fn": "silu",
                "attention_type": "default", "conv_in_kernel": 3, "conv_out_kernel": 3, "cross_attention_norm": None,
                "downsample_padding": 1, "mid_block_scale_factor": 1, "resnet_out_scale_factor": 1.0,
                "resnet_skip_time_act": False, "time_embedding_act_fn": None, "time_embedding_dim": None,
-               "timestep_post_act": None, "encoder_hid_dim_type": None, "addition_time_embed_dim": None,
-               "reverse_transformer_layers_per_block": None}
+               "timestep_post_act": None, "encoder_hid_dim_type": None, "reverse_transformer_layers_per_block": None}
+ADDITION_TYPES = (None, "text_time")  # addition_embed_type: none (SD 1.x/2.x) or SDXL's micro-conditioning
+MICRO_IDS = 6  # SDXL's micro-conditioning: (original height, width, crop top, left, target height, width) in pixels
+
+
+def sdxl_context(states, pooled, time_ids):
+    """SDXL's conditioning as one tensor [B, L + k, D], so that CFG's batching, the LoRA teacher's prompt dropout and
+    the ranks' shares treat it as SD's text states: the L token states, then k rows holding the pooled text embedding
+    [B, P] and the six micro-conditioning ids [B, 6], zero-padded to D (k = 1 for SDXL: 1280 + 6 <= 2048)."""
+    extra = torch.cat([pooled, time_ids.to(pooled.dtype)], dim=-1)
+    width = states.shape[-1]
+    rows = -(-extra.shape[-1] // width)  # ceil
+    extra = F.pad(extra, (0, rows * width - extra.shape[-1]))
+    return torch.cat([states, extra.view(len(states), rows, width).to(states.dtype)], dim=1)
+
+
+def split_sdxl_context(context, pooled_dim):
+    """sdxl_context's inverse: (token states [B, L, D], pooled [B, P], time_ids [B, 6])."""
+    width = context.shape[-1]
+    rows = -(-(pooled_dim + MICRO_IDS) // width)
+    extra = context[:, -rows:].reshape(len(context), -1)
+    return context[:, :-rows], extra[:, :pooled_dim], extra[:, pooled_dim:pooled_dim + MICRO_IDS]
 
 
 def _per_block(value, n):
@@ -227,11 +250,14 @@ class UNet(nn.Module):
             if not types or bad:
                 raise WeightsError(f"unet config: unsupported {field} {bad or types}; this UNet supports "
                                    f"{sorted(known)} (Stable Diffusion 1.x/2.x)")
+        if c.get("addition_embed_type") not in ADDITION_TYPES:
+            raise WeightsError(f"unet config: addition_embed_type={c['addition_embed_type']!r} is not supported "
+                               f"(SD 1.x/2.x: none; SDXL: 'text_time')")
         if c.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
             raise WeightsError(f"unet config: unsupported mid_block_type {c['mid_block_type']!r}")
         for key, ok in UNSUPPORTED.items():
             if c.get(key, ok) != ok:
-                raise WeightsError(f"unet config: {key}={c[key]!r} is not supported (SD 1.x/2.x use {ok!r})")
+                raise WeightsError(f"unet config: {key}={c[key]!r} is not supported (SD 1.x/2.x/XL use {ok!r})")
         boc = list(c["block_out_channels"])
         n = len(boc)
         if len(down_types) != n or len(up_types) != n:
@@ -253,6 +279,13 @@ class UNet(nn.Module):
         self.time_embedding = nn.Module()
         self.time_embedding.linear_1 = nn.Linear(boc[0], temb_dim)
         self.time_embedding.linear_2 = nn.Linear(temb_dim, temb_dim)
+        self.micro_dim = None  # SDXL: each micro-conditioning id's sinusoidal width (256)
+        if c.get("addition_embed_type") == "text_time":  # [pooled text | 6 ids, each embedded] -> added to temb
+            self.micro_dim = c["addition_time_embed_dim"]
+            self.pooled_dim = c["projection_class_embeddings_input_dim"] - MICRO_IDS * self.micro_dim
+            self.add_embedding = nn.Module()
+            self.add_embedding.linear_1 = nn.Linear(c["projection_class_embeddings_input_dim"], temb_dim)
+            self.add_embedding.linear_2 = nn.Linear(temb_dim, temb_dim)
 
         self.down_blocks = nn.ModuleList()
         ch_out = boc[0]
@@ -292,10 +325,16 @@ class UNet(nn.Module):
         return block(*args)
 
     def forward(self, x, t, context):
-        """x: [B, C, H, W] noisy latents; t: int timesteps [B] or scalar; context: text states [B, 77, D]."""
+        """x: [B, C, H, W] noisy latents; t: int timesteps [B] or scalar; context: text states [B, 77, D] (SDXL: with
+        the pooled embedding and micro-conditioning ids in its last row, sdxl_context)."""
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
         temb = timestep_embedding(t, self.time_embedding.linear_1.in_features, self.flip_sin_to_cos, self.freq_shift)
         temb = self.time_embedding.linear_2(F.silu(self.time_embedding.linear_1(temb.to(x.dtype))))
+        if self.micro_dim:  # SDXL: temb + MLP([pooled, emb(id_1), ..., emb(id_6)])
+            context, pooled, time_ids = split_sdxl_context(context, self.pooled_dim)
+            ids = timestep_embedding(time_ids.flatten(), self.micro_dim, self.flip_sin_to_cos, self.freq_shift)
+            added = torch.cat([pooled, ids.view(len(pooled), -1).to(pooled.dtype)], dim=-1).to(temb.dtype)
+            temb = temb + self.add_embedding.linear_2(F.silu(self.add_embedding.linear_1(added)))
         x = self.conv_in(x)
         skips = [x]
         for block in self.down_blocks:

@@ -15,3 +15,11 @@ SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channe
 # SD 2.x's text encoder: OpenCLIP ViT-H's text tower, stored with 23 of its 24 layers (SD 2 uses the penultimate)
 SD2_TEXT = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
                 max_position_embeddings=77, hidden_act="gelu", projection_dim=512)
+# SDXL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json): no attention at the first level,
+# 1/2/10 transformer layers, 64-wide heads, 2048-wide context (CLIP-L 768 + bigG 1280), the micro-conditioning
+SDXL = dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(320, 640, 1280), layers_per_block=2, in_channels=4, out_channels=4,
+            attention_head_dim=[5, 10, 20], transformer_layers_per_block=[1, 2, 10], cross_attention_dim=2048,
+            use_linear_projection=True, addition_embed_type="text_time", addition_embed_type_num_heads=64,
+            addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, sample_size=128)

@@ -395,7 +395,7 @@ def test_error_corrupt_weights_file(good_unet_folder, tmp_path, damage):
 
 @pytest.mark.parametrize("change, words", [
     ({"down_block_types": ["CrossAttnDownBlock3D", "CrossAttnDownBlock2D", "DownBlock2D"]}, "CrossAttnDownBlock3D"),
-    ({"addition_embed_type": "text_time"}, "addition_embed_type"),
+    ({"addition_embed_type": "text_image"}, "addition_embed_type"),
     ({"up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]}, "differ in length"),
     ({"block_out_channels": None}, "not a Stable Diffusion UNet config"),
 ], ids=["block3d", "sdxl", "lengths", "bad_channels"])
