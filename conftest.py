@@ -17,7 +17,7 @@ import swiftbrush as sb
 from harness import checkpoint
 from harness.steplog import StepLog
 from tools.cards import sd21_base_on_meta  # noqa: F401 (the tests' too)
-from parity.tiny_sd import make_tiny_sd
+from parity.tiny_sd import make_tiny_sd, make_tiny_sdxl
 
 # Set before anything imports huggingface_hub (it reads them once): no download ever, an empty hub cache, and the
 # miniature's teacher cache in a temporary folder too.
@@ -57,6 +57,11 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="session")
 def sd_root(tmp_path_factory):
     return make_tiny_sd(str(tmp_path_factory.mktemp("tiny_sd")))
+
+
+@pytest.fixture(scope="session")
+def sdxl_root(tmp_path_factory):
+    return make_tiny_sdxl(str(tmp_path_factory.mktemp("tiny_sdxl")))
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,8 @@ import torch
 
 from harness.images import save_grid
 from formats.export import read_student
-from formats.models import encode_prompts, latent_shape, load_text, resolve_model, scheduler_config, trailing_timesteps
+from formats.models import latent_shape, resolve_model, scheduler_config, trailing_timesteps
+from formats.text import load_text
 from harness.flags import AT_LEAST_1, UsageError
 from swiftbrush import Schedule, autocast_for, chain_noises, eps_cfg, k_step_x0
 from unet import UNet, WeightsError, load_unet
@@ -128,9 +129,8 @@ class Generator:
     teacher: UNet              # None unless --teacher-steps
     vae: object                # None: pixel space (the miniature)
     schedule: Schedule         # the teacher's
-    tokenizer: object
-    encoder: object            # the text encoder, on the device
-    uncond: torch.Tensor       # text states of "" (CFG's unconditional branch)
+    text: object               # formats/text.Text: prompts -> context, its encoders on the device
+    uncond: torch.Tensor       # CFG's unconditional branch
     latent_shape: tuple        # (C, H, W) of x_0
     device: torch.device
 
@@ -148,8 +148,8 @@ def load_generator(a):
     model = stored.model if stored else resolve_model(a.model, a.prediction_type)
     schedule = Schedule(scheduler_config(model))
     student_schedule = schedule.predicting(stored.prediction_type if stored else None)
-    tokenizer, encoder = load_text(model)
-    encoder = encoder.to(device)  # fp32 everywhere, as in training (the authors encode their prompts in fp32)
+    size = (a.resolution, a.resolution) if a.resolution else None  # SDXL's micro-conditioning (None: its own)
+    text = load_text(model, size).to(device)  # fp32 everywhere, as in training (the authors encode prompts in fp32)
     vae = None
     if os.path.isdir(os.path.join(model, "vae")):
         vae = load_vae(os.path.join(model, "vae"), dtype).to(device)
@@ -157,7 +157,7 @@ def load_generator(a):
     c = shape if shape and not a.resolution else latent_shape(teacher if student is None else student, vae, a.resolution)
     student = student.to(device) if student is not None else None
     return Generator(student, stored.param if stored else None, steps, student_schedule, teacher, vae, schedule,
-                     tokenizer, encoder, encode_prompts(tokenizer, encoder, [""]), c, device)
+                     text, text.uncond, c, device)
 
 
 @torch.no_grad()
@@ -175,7 +175,7 @@ def sample_images(g, z, context, teacher_steps=0, guidance=4.5, renoise=()):
 
 def generate(a):
     g = load_generator(a)
-    context = encode_prompts(g.tokenizer, g.encoder, a.prompt)
+    context = g.text.encode(a.prompt)
     out = []
     for i, prompt in enumerate(a.prompt):  # z, then a K-step student's noises: as diffusers' pipeline draws them
         z, renoise = chain_noises((a.n, *g.latent_shape), g.steps, torch.Generator().manual_seed(a.seed + i))

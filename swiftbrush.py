@@ -385,7 +385,8 @@ def load_models(cfg, device):
     teacher = load_unet(folder)
     vae = load_vae(os.path.join(folder, "vae")) if os.path.isdir(os.path.join(folder, "vae")) else None
     prompts = open_prompts(cfg.prompts)
-    embeddings = prompt_embeddings(folder, prompts, device)  # fp32, as the authors encode prompts
+    size = (cfg.resolution, cfg.resolution) if cfg.resolution else None  # SDXL's micro-conditioning (None: its own)
+    embeddings = prompt_embeddings(folder, prompts, device, size)  # fp32, as the authors encode prompts
     schedule = Schedule(scheduler_config(folder))
     if cfg.student_steps > schedule.T:
         raise UsageError(f"--student-steps {cfg.student_steps}: at most the teacher's {schedule.T} timesteps")

@@ -24,6 +24,7 @@ import swiftbrush as sb
 from conftest import (BASE, CPU, UNET_FILE, assert_same_ckpt, inputs, logged_now, read_ckpt, read_log, rel_err, run,
                       sd21_base_on_meta)
 from formats import models
+from formats.text import load_text
 from harness.steplog import StepLog
 from memory.ema import EMA, HostEMA
 from unet import UNet, WeightsError, load_unet
@@ -861,11 +862,12 @@ def test_render_draws_one_k_a_batch_and_runs_the_chain_without_gradient(sd_root,
 
 def test_encode_prompts_matches_clip_by_hand(sd_root):
     from transformers import CLIPTextModel
-    tok, enc = models.load_text(sd_root)
+    text = load_text(sd_root)
+    tok = text.tokenizers[0]
     ref = CLIPTextModel.from_pretrained(os.path.join(sd_root, "text_encoder")).eval()
     L = tok.model_max_length
     prompts = ["a cat, 2", "a red sports car on a mountain road at sunset"]  # the second is truncated
-    got = models.encode_prompts(tok, enc, prompts, batch_size=1)
+    got = text.encode(prompts, batch_size=1)
     ids = tok(prompts, padding="max_length", max_length=L, truncation=True, return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(got, ref(ids).last_hidden_state)
@@ -874,7 +876,7 @@ def test_encode_prompts_matches_clip_by_hand(sd_root):
     pad = tok.convert_tokens_to_ids("!")
     assert pad != tok.eos_token_id
     by_hand = torch.tensor([[tok.bos_token_id, tok.eos_token_id] + [pad] * (L - 2)])
-    got = models.encode_prompts(tok, enc, [""])
+    got = text.uncond
     with torch.no_grad():
         assert got.shape == (1, L, 32) and torch.equal(got, ref(by_hand).last_hidden_state)
         assert not torch.equal(got, ref(torch.tensor([[tok.bos_token_id] + [tok.eos_token_id] * (L - 1)])).last_hidden_state)

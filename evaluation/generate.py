@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from PIL import Image
 
-from formats.models import encode_prompts
 from harness.atomic import atomic
 from harness.flags import UsageError
 from harness.images import to_uint8
@@ -75,7 +74,7 @@ def generate_images(g, prompts, a, folder):
                                               dynamic_ncols=True) as bar:
         pending = []  # the writes of the last batches: at most two batches of images wait in memory
         for batch in batches:
-            context = encode_prompts(g.tokenizer, g.encoder, [prompts[i][1] for i in batch])
+            context = g.text.encode([prompts[i][1] for i in batch])
             z, renoise = noise(a.seed, batch, g.latent_shape, g.steps)
             images = to_uint8(sample_images(g, z, context, a.teacher_steps, a.guidance, renoise))
             pending.append([writer.submit(write_png, pixels, paths[i]) for i, pixels in zip(batch, images)

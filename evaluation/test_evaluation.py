@@ -295,7 +295,6 @@ def test_teacher_evaluation_on_a_prompt_file(sd_root, feature_models, tmp_path):
 def test_a_k_step_students_images_are_its_k_steps_from_each_images_own_noises(student_run, feature_models, tmp_path):
     """--student-steps 2 (a one-step run sampled in 2 steps): image i is sample.py's 2-step image of its caption from
     its own z and eps', whatever the batch it is in; the protocol says so."""
-    from formats.models import encode_prompts
     from harness.images import to_uint8
     from sample import load_generator, sample_images
     (tmp_path / "prompts.txt").write_text("a cat\na dog\na red circle\n")
@@ -307,7 +306,7 @@ def test_a_k_step_students_images_are_its_k_steps_from_each_images_own_noises(st
     g = load_generator(parse_args(argv + ["--out", str(tmp_path / "unused")]))
     z, renoise = evaluation.generate.noise(0, [2], g.latent_shape, 2)
     assert torch.equal(z, evaluation.generate.noise(0, [2], g.latent_shape)[0])  # the one-step student's z
-    want = to_uint8(sample_images(g, z, encode_prompts(g.tokenizer, g.encoder, ["a red circle"]), renoise=renoise))
+    want = to_uint8(sample_images(g, z, g.text.encode(["a red circle"]), renoise=renoise))
     assert np.array_equal(np.asarray(Image.open(tmp_path / "k2" / "images" / "00002.png")), want[0])
     one_step = coco_run.evaluate(parse_args(argv[:2] + argv[4:] + ["--out", str(tmp_path / "k1")]))
     assert "(1 step, EMA)" in one_step["model"] and one_step["clip_score"] != results["clip_score"]

@@ -28,8 +28,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from formats.models import (HUB_ID, SINGLE_FILE, hub_snapshot, load_text, resolve_model, run_teacher,
-                            scheduler_config, trailing_timesteps)
+from formats.models import HUB_ID, SINGLE_FILE, hub_snapshot, resolve_model, run_teacher, scheduler_config, trailing_timesteps
+from formats.text import load_text
 from formats.single_file import (EXTRA_FILE, file_metadata, is_full_checkpoint, original_only_tensors, read_single_file,
                                  write_single_file)
 from harness.atomic import atomic
@@ -93,7 +93,7 @@ def export_one_step(run, raw=False):
                                                                                               prediction_type))
         unet = load_file(os.path.join(unet_dir, "diffusion_pytorch_model.safetensors"))
         vae = load_vae(os.path.join(teacher, "vae")).state_dict()
-        text = load_text(teacher)[1]
+        text = load_text(teacher).encoders[0]
         family = "sd1" if text.config.hidden_act == "quick_gelu" else "sd2"  # SD 2's OpenCLIP uses gelu
         dtype = stored_dtype(teacher)  # an fp16 teacher gives an fp16 file: half the disk, as the tools expect
         unet, vae, text = cast(unet, dtype), cast(vae, dtype), cast(text.state_dict(), dtype)

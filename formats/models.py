@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from harness.atomic import atomic
-from harness.distributed import to_device
 from harness.flags import UsageError
 from unet import WeightsError
 
@@ -63,11 +62,18 @@ def cache_root():
     return os.environ.get("SWIFTBRUSH_CACHE") or default
 
 
+def weight_parts(sdxl):
+    """{folder: its weights files, in order of preference} of a model; SDXL's with its second text encoder."""
+    return {**WEIGHTS, "text_encoder_2": WEIGHTS["text_encoder"]} if sdxl else WEIGHTS
+
+
 def hub_files(repo_id, names):
-    """The files to fetch from a repository listing `names`: every config, the tokenizer, one weights file per folder."""
-    wanted = [n for n in names if n == "model_index.json" or n.startswith(("tokenizer/", "scheduler/"))
-              or n in [f"{part}/config.json" for part in WEIGHTS]]
-    for part, choices in WEIGHTS.items():
+    """The files to fetch from a repository listing `names`: every config, the tokenizers, one weights file per folder
+    (SDXL: text_encoder_2/ and tokenizer_2/ too)."""
+    parts = weight_parts("text_encoder_2/config.json" in names)
+    wanted = [n for n in names if n == "model_index.json" or n.startswith(("tokenizer/", "tokenizer_2/", "scheduler/"))
+              or n in [f"{part}/config.json" for part in parts]]
+    for part, choices in parts.items():
         found = [f"{part}/{c}" for c in choices if f"{part}/{c}" in names]
         if not found or f"{part}/config.json" not in names:
             raise WeightsError(f"{repo_id} on the hub has no {part}/config.json with weights: it is not a Stable "
@@ -77,8 +83,14 @@ def hub_files(repo_id, names):
 
 
 def _complete(folder):
-    return all(os.path.exists(os.path.join(folder, part, "config.json")) for part in WEIGHTS) and all(
-        any(os.path.exists(os.path.join(folder, part, c)) for c in choices) for part, choices in WEIGHTS.items())
+    try:
+        with open(os.path.join(folder, "model_index.json")) as f:
+            sdxl = bool(json.load(f).get("text_encoder_2"))  # ["transformers", "CLIPTextModelWithProjection"]
+    except (OSError, ValueError, AttributeError):
+        sdxl = False
+    parts = weight_parts(sdxl)
+    return all(os.path.exists(os.path.join(folder, part, "config.json")) for part in parts) and all(
+        any(os.path.exists(os.path.join(folder, part, c)) for c in choices) for part, choices in parts.items())
 
 
 @dataclass(frozen=True)
@@ -189,7 +201,7 @@ def clip_tokenizer(family, beside):
 
 
 # --------------------------------------------------------------------------------------------------
-# The parts we read besides the UNet and VAE: scheduler config, tokenizer and text encoder
+# The parts we read besides the UNet, VAE and text (formats/text.py): the scheduler config and the latent shape
 
 
 def scheduler_config(folder):
@@ -212,26 +224,6 @@ def trailing_timesteps(T, steps):
     return [int(t) for t in np.round(np.arange(T, 0, -T / steps)[:steps]) - 1]
 
 
-def load_text(folder):
-    from transformers import CLIPTextModel, CLIPTokenizer
-    from transformers.utils import logging
-    logging.disable_progress_bar()  # a bar per load of a 3-file folder is noise
-    for sub in ("tokenizer", "text_encoder"):
-        if not os.path.isdir(os.path.join(folder, sub)):
-            raise WeightsError(f"{os.path.join(folder, sub)} not found; a Stable Diffusion folder has "
-                               f"{', '.join(PARTS)}")
-    fp16_only = not os.path.exists(os.path.join(folder, "text_encoder", "model.safetensors")) and os.path.exists(
-        os.path.join(folder, "text_encoder", "model.fp16.safetensors"))
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
-        encoder = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder"), use_safetensors=True,
-                                                variant="fp16" if fp16_only else None, dtype=torch.float32)
-    except Exception as e:
-        raise WeightsError(f"cannot load the text encoder/tokenizer from {folder}: {type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''}") from None
-    return tokenizer, encoder.eval()
-
-
 def latent_shape(unet, vae, resolution=None):
     """(C, H, W) of x_0 at `resolution` pixels (default: the UNet's sample_size), checked against the downsampling."""
     factor = 2 ** (len(vae.config["block_out_channels"]) - 1) if vae is not None else 1  # pixels per latent
@@ -240,17 +232,3 @@ def latent_shape(unet, vae, resolution=None):
     if res % multiple:
         raise UsageError(f"--resolution {res} must be a multiple of {multiple}")
     return unet.config.get("in_channels", 4), res // factor, res // factor
-
-
-@torch.no_grad()
-def encode_prompts(tokenizer, encoder, prompts, batch_size=64):
-    """Prompts -> last_hidden_state [N, 77, D] in fp32 on the encoder's device, padded as SD pads (the pad token is the
-    tokenizer's own)."""
-    device = next(encoder.parameters()).device
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        ids = tokenizer(prompts[i:i + batch_size], padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
-        with torch.autocast(device.type, enabled=False):  # in the encoder's dtype (fp32), also inside training's
-            out.append(encoder(to_device(ids, device)).last_hidden_state.float())
-    return torch.cat(out)

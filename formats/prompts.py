@@ -27,7 +27,8 @@ from array import array
 
 import torch
 
-from formats.models import HUB_ID, HubKind, cache_root, encode_prompts, hub_snapshot, load_text
+from formats.models import HUB_ID, HubKind, cache_root, hub_snapshot
+from formats.text import load_text
 from harness.atomic import atomic
 from harness.flags import UsageError
 
@@ -424,12 +425,12 @@ def prompts_in_parquet(path):
 
 
 class PromptEmbeddings:
-    """embeddings[i] -> the text states [n, L, D] (fp32) of prompts[i] for a slice or a tensor of indices, encoded
-    when asked for; `uncond` is the states of "" (CFG's unconditional branch), encoded once."""
+    """embeddings[i] -> the context [n, L, D] (fp32; formats/text.Text) of prompts[i] for a slice or a tensor of
+    indices, encoded when asked for; `uncond` is CFG's unconditional branch, encoded once."""
 
-    def __init__(self, tokenizer, encoder, prompts):
-        self.tokenizer, self.encoder, self.prompts = tokenizer, encoder.eval().requires_grad_(False), prompts
-        self.uncond = encode_prompts(tokenizer, encoder, [""])
+    def __init__(self, text, prompts):
+        self.text, self.prompts = text, prompts
+        self.uncond = text.uncond
 
     def __len__(self):
         return len(self.prompts)
@@ -439,10 +440,10 @@ class PromptEmbeddings:
             chosen = self.prompts[index]
         else:
             chosen = [self.prompts[i] for i in torch.as_tensor(index).tolist()]
-        return encode_prompts(self.tokenizer, self.encoder, chosen)
+        return self.text.encode(chosen)
 
 
-def prompt_embeddings(folder, prompts, device):
-    """PromptEmbeddings of `prompts` with the text encoder of the Stable Diffusion folder, on `device` in fp32."""
-    tokenizer, encoder = load_text(folder)
-    return PromptEmbeddings(tokenizer, encoder.to(device, torch.float32), prompts)
+def prompt_embeddings(folder, prompts, device, image_size=None):
+    """PromptEmbeddings of `prompts` with the text encoder(s) of the Stable Diffusion folder, on `device` in fp32.
+    image_size: (h, w) of the images trained, which SDXL is conditioned on (formats/text.py)."""
+    return PromptEmbeddings(load_text(folder, image_size).to(device), prompts)

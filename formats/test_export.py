@@ -15,7 +15,8 @@ import sample
 import swiftbrush as sb
 from conftest import CPU, assert_same_ckpt, cli, cli_error, read_log, rel_err, run
 from formats.export import export_one_step
-from formats.models import CLIP_TOKENIZER, load_text, resolve_model
+from formats.models import CLIP_TOKENIZER, resolve_model
+from formats.text import load_text
 from formats.single_file import LDM_SCHEDULE, file_metadata, read_single_file, write_single_file
 from parity.tiny_sd import make_tiny_sd
 from unet import load_unet
@@ -27,7 +28,7 @@ RUN = ["--steps", "2", "--batch-size", "1", "--lora-rank", "2", "--lora-alpha", 
 
 def folder_as_single_file(root, path):
     """A diffusers folder written as one original-layout file, the way A1111 users hold SD."""
-    text = load_text(root)[1]
+    text = load_text(root).encoders[0]
     family = "sd1" if text.config.hidden_act == "quick_gelu" else "sd2"
     write_single_file(path, load_unet(root).state_dict(), load_vae(os.path.join(root, "vae")).state_dict(),
                       text.state_dict(), family)
@@ -67,9 +68,10 @@ def test_single_file_model_trains_and_exports(sd1):
         a = load_file(os.path.join(sd1.root, sub, "diffusion_pytorch_model.safetensors"))
         b = load_file(os.path.join(folder, sub, "diffusion_pytorch_model.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
-    tok, enc = load_text(sd1.root)
+    text = load_text(sd1.root)
+    tok, enc = text.tokenizers[0], text.encoders[0]
     ids = tok(["a red circle"], padding="max_length", max_length=16, return_tensors="pt").input_ids
-    assert torch.equal(enc(ids).last_hidden_state, load_text(folder)[1](ids).last_hidden_state)
+    assert torch.equal(enc(ids).last_hidden_state, load_text(folder).encoders[0](ids).last_hidden_state)
     # the exported single file holds the EMA student and the teacher's VAE and text encoder, unchanged
     parts = read_single_file(sd1.run / "export" / "student.safetensors")
     ema = load_file(sd1.run / "unet_ema" / "diffusion_pytorch_model.safetensors")
@@ -122,10 +124,11 @@ def test_sd2_file_unpacks_with_its_tokenizer_and_prediction_type(tmp_path, capsy
     assert json.load(open(os.path.join(v, "scheduler", "scheduler_config.json")))["prediction_type"] == "v_prediction"
     config = json.load(open(os.path.join(v, "unet", "config.json")))
     assert config["upcast_attention"] and config["sample_size"] == 96 and config["use_linear_projection"]
-    tokenizer, encoder = load_text(eps)
+    text = load_text(eps)
+    tokenizer, encoder = text.tokenizers[0], text.encoders[0]
     assert tokenizer.pad_token == "!"  # SD 2 pads with "!", SD 1 with its end token
     ids = tokenizer(["a red circle"], padding="max_length", max_length=16, return_tensors="pt").input_ids
-    assert torch.equal(encoder(ids).last_hidden_state, load_text(root)[1](ids).last_hidden_state)
+    assert torch.equal(encoder(ids).last_hidden_state, load_text(root).encoders[0](ids).last_hidden_state)
 
 
 def test_bad_single_files_get_one_line(sd1, tmp_path, capsys, monkeypatch):
@@ -147,7 +150,7 @@ def test_bad_single_files_get_one_line(sd1, tmp_path, capsys, monkeypatch):
     narrow = make_tiny_sd(str(tmp_path / "narrow"))  # UNet blocks 32 and 64 wide: SD 2's 64-wide heads give 0.5
     path = str(tmp_path / "narrow.safetensors")
     write_single_file(path, load_unet(narrow).state_dict(), load_vae(os.path.join(narrow, "vae")).state_dict(),
-                      load_text(narrow)[1].state_dict(), "sd2")
+                      load_text(narrow).encoders[0].state_dict(), "sd2")
     line = cli_error(["--model", path, "--out", str(tmp_path / "out")] + RUN, capsys)
     assert "UNet block widths [32, 64] do not split into SD's heads (32 / 64 = 0.5)" in line
     assert "not Stable Diffusion 1.x/2.x-shaped" in line

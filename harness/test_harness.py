@@ -20,6 +20,7 @@ import swiftbrush as sb
 from conftest import (CPU, UNET_FILE, assert_same_ckpt, cli, cli_args, cli_error, read_ckpt, read_log, run,
                       same_tensors)
 from formats import models, prompts
+from formats.text import Text, load_text
 from harness import checkpoint
 from harness.atomic import atomic
 from unet import WeightsError
@@ -490,17 +491,15 @@ def test_a_device_that_is_not_here_is_one_line(sd_root, tmp_path, capsys, monkey
 def test_100k_prompts_train_encoding_only_each_batchs_prompts(sd_root, tmp_path, monkeypatch):
     lines = tmp_path / "prompts.txt"
     lines.write_text("".join(f"a photo of thing number {i}\n" for i in range(100_000)))
-    encoded, real = [], prompts.encode_prompts
-    monkeypatch.setattr(prompts, "encode_prompts", lambda tok, enc, chosen: encoded.append(list(chosen)) or
-                        real(tok, enc, chosen))
+    encoded, real = [], Text.encode
+    monkeypatch.setattr(Text, "encode", lambda text, chosen: encoded.append(list(chosen)) or real(text, chosen))
     out = tmp_path / "run"
     m, state, log = run(sd_root, out, 2, prompts=str(lines))
     assert len(m.embeddings) == 100_000 and len(log) == 2
     assert encoded[0] == [""] and [len(batch) for batch in encoded[1:]] == [2, 2]  # uncond once, then one batch a step
     drawn = [m.prompts[i] for i in state["order"][:4].tolist()]  # the first epoch's order: the prompts trained on
     assert encoded[1] + encoded[2] == drawn
-    tokenizer, encoder = models.load_text(sd_root)
-    assert torch.allclose(m.embeddings[state["order"][:2]], real(tokenizer, encoder, drawn[:2]), atol=1e-6)
+    assert torch.allclose(m.embeddings[state["order"][:2]], real(load_text(sd_root), drawn[:2]), atol=1e-6)
 
 
 def test_a_shared_cache_keeps_other_processes_temporaries(tmp_path):

@@ -36,7 +36,8 @@ def memory_plan(cfg, m, state, device):
     world = state["world"]
     student = list(m.student.parameters())
     lora = lora_parameters(m.teacher) if state["opt_lora"] is not None else []
-    text_encoder = getattr(m.embeddings, "encoder", None)  # formats/prompts.py; a plain tensor of states has none
+    text = getattr(m.embeddings, "text", None)  # formats/prompts.py; a plain tensor of states has none
+    text_weights = [p for encoder in text.encoders for p in encoder.parameters()] if text else []
     if cfg.step_in_backward:  # each gradient is freed as soon as its parameter is stepped: at most the largest one
         grads = ("student grads (--step-in-backward: one parameter's at a time)", max(nbytes([p]) for p in student))
     elif world.size > 1:
@@ -52,7 +53,7 @@ def memory_plan(cfg, m, state, device):
         ("student theta: the LoRA's weights (fp32)" if lora_student else "student theta: weights"): nbytes(student),
         grads[0]: grads[1],
         "student Adam m and v": 2 * nbytes(student),
-        "text encoder (frozen; encodes each batch's prompts)": nbytes(text_encoder.parameters()) if text_encoder else 0,
+        "text encoder (frozen; encodes each batch's prompts)": nbytes(text_weights),
     }
     ema = nbytes(student) if cfg.ema_decay > 0 and world.main else 0
     states = sum(on_device.values())

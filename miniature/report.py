@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 import sample
 from harness.atomic import atomic
 from harness.checkpoint import read_log
-from formats.models import cache_root, encode_prompts, load_text, scheduler_config
+from formats.models import cache_root, scheduler_config
+from formats.text import load_text
 from harness.report import Report
 from miniature import DEFAULTS, world
 from miniature.teacher import SHIPPED, STAMP, build_teacher, teacher_name
@@ -41,9 +42,8 @@ class MiniatureReport(Report):
         self.noises = [self.chain_noises(seed, 1)[0] for seed in self.seeds]  # x_T = z of each noise seed
         self.grid_index = torch.arange(0, len(self.captions), e["per_prompt"])  # one sample per prompt, seed 0
         folder = build_teacher(model)
-        tokenizer, encoder = load_text(folder)
-        self.context = encode_prompts(tokenizer, encoder, self.captions)
-        self.uncond = encode_prompts(tokenizer, encoder, [""])
+        text = load_text(folder)
+        self.context, self.uncond = text.encode(self.captions), text.uncond
         self.schedule = Schedule(scheduler_config(folder))
 
         n = len(self.captions)

@@ -15,7 +15,8 @@ import torch
 
 from harness.atomic import atomic
 from harness.checkpoint import export_unet
-from formats.models import cache_root, encode_prompts, load_text
+from formats.models import cache_root
+from formats.text import load_text
 from miniature import world
 from swiftbrush import Schedule, diffusion_loss, f_theta
 from unet import UNet, load_unet
@@ -121,15 +122,15 @@ def _train_teacher(folder, training, progress):
     logging.disable_progress_bar()
     ids = world.write_tokenizer(os.path.join(folder, "tokenizer"), max_length=MAX_LENGTH)
     torch.manual_seed(training["seed"])
-    text = CLIPTextModel(CLIPTextConfig(**ids, **TEXT_CONFIG))
-    text.save_pretrained(os.path.join(folder, "text_encoder"))  # frozen and random: its states still name the words
+    encoder = CLIPTextModel(CLIPTextConfig(**ids, **TEXT_CONFIG))
+    encoder.save_pretrained(os.path.join(folder, "text_encoder"))  # frozen and random: its states still name the words
     os.makedirs(os.path.join(folder, "scheduler"))
     with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
         json.dump(SCHEDULER_CONFIG, f, indent=2)
     with open(os.path.join(folder, "prompts.txt"), "w") as f:  # the default prompts of a student
         f.write("\n".join(world.PROMPTS) + "\n")
-    tokenizer, encoder = load_text(folder)
-    embeddings, uncond = encode_prompts(tokenizer, encoder, world.PROMPTS), encode_prompts(tokenizer, encoder, [""])
+    text = load_text(folder)
+    embeddings, uncond = text.encode(world.PROMPTS), text.uncond
     unet, schedule = UNet(UNET_CONFIG), Schedule(SCHEDULER_CONFIG)
     opt = torch.optim.Adam(unet.parameters(), lr=training["lr"])
     gen = torch.Generator().manual_seed(training["seed"])
@@ -150,9 +151,9 @@ def teacher_checks(folder, per_prompt=8, seed=1000):
     import sample
     from formats.models import scheduler_config
     from miniature import DEFAULTS
-    tokenizer, encoder = load_text(folder)
+    text = load_text(folder)
     captions = [p for p in world.PROMPTS for _ in range(per_prompt)]
-    context, uncond = encode_prompts(tokenizer, encoder, captions), encode_prompts(tokenizer, encoder, [""])
+    context, uncond = text.encode(captions), text.uncond
     unet, schedule = load_unet(folder), Schedule(scheduler_config(folder))
     z = torch.randn((len(captions), 3, world.RES, world.RES), generator=torch.Generator().manual_seed(seed))
     samples = sample.ddim_sample(unet, schedule, context, uncond, z, 25, DEFAULTS["guidance"]).clamp(-1, 1)

@@ -339,12 +339,13 @@ def test_the_shipped_teacher_ships_its_current_reference_rows():
     """Its reference rows (the teacher's DDIM, one step, E[x0 | z]) are keyed by what they depend on: an edit to
     sample.py or world.py leaves them unused, and this fails until `python -m miniature.report` writes them again."""
     from safetensors.torch import load_file
-    from formats.models import encode_prompts, load_text, scheduler_config
+    from formats.models import scheduler_config
+    from formats.text import load_text
     name = f"reference-{report.reference_digest(teacher.SHIPPED, 'miniature')}.safetensors"
     assert os.path.exists(os.path.join(teacher.SHIPPED, name)), "stale: run python -m miniature.report"
     one_step = load_file(os.path.join(teacher.SHIPPED, name))["one_step_0"]
     captions = [p for p in world.PROMPTS for _ in range(report.EVALUATION["miniature"]["per_prompt"])]
-    context = encode_prompts(*load_text(teacher.SHIPPED), captions)
+    context = load_text(teacher.SHIPPED).encode(captions)
     z = torch.randn(one_step.shape, generator=torch.Generator().manual_seed(1000))
     with torch.no_grad():
         want = sb.f_theta(load_unet(teacher.SHIPPED), z, context, sb.Schedule(scheduler_config(teacher.SHIPPED)))

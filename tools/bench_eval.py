@@ -21,7 +21,6 @@ from evaluation.coco import parse_args as evaluation_args
 from evaluation.generate import generate_images, noise
 from evaluation.metrics import load_metrics, measure, prepare
 from harness.images import to_uint8
-from formats.models import encode_prompts
 from parity.tiny_sd import make_tiny_feature_models, make_tiny_sd
 from sample import load_generator, sample_images
 from tools.bench import set_threads
@@ -30,7 +29,7 @@ from tools.bench import set_threads
 def naive_generation(g, prompts, a, folder):
     os.makedirs(folder, exist_ok=True)
     for i, (_, text) in enumerate(prompts):
-        context = encode_prompts(g.tokenizer, g.encoder, [text])
+        context = g.text.encode([text])
         z, renoise = noise(a.seed, [i], g.latent_shape, g.steps)
         pixels = to_uint8(sample_images(g, z, context, renoise=renoise))[0]
         Image.fromarray(pixels).save(os.path.join(folder, f"{i:05d}.png"))

@@ -112,11 +112,12 @@ def bench_train(repeats=5, warmup=2, threads=1, which=None):
 # prompts: the text states of a batch
 
 
-def _encoder():
+def _text():
     from transformers import CLIPTextConfig, CLIPTextModel
+    from formats.text import Text
     from tools.selfcheck import RandomTokens
     torch.manual_seed(0)
-    return RandomTokens(TEXT["vocab_size"]), CLIPTextModel(CLIPTextConfig(**TEXT)).eval()
+    return Text([RandomTokens(TEXT["vocab_size"])], [CLIPTextModel(CLIPTextConfig(**TEXT))])
 
 
 def _prompts(n):
@@ -127,7 +128,7 @@ def build_prompts(way, n, folder):
     """A function of a tensor of indices -> their states, set up `way` for n prompts."""
     from formats.prompts import PromptEmbeddings
     if way == "per batch":
-        return PromptEmbeddings(*_encoder(), _prompts(n)).__getitem__
+        return PromptEmbeddings(_text(), _prompts(n)).__getitem__
     if way == "in RAM":
         return torch.randn(n, 77, TEXT["hidden_size"]).__getitem__
     path = os.path.join(folder, f"states-{n}.npy")

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import torch
 
 import swiftbrush as sb
+from formats.text import Text
 from memory.plan import HEADROOM, memory_plan
 from parity.configs import SD2_TEXT, SD21_BASE
 
@@ -32,7 +33,7 @@ def sd21_base_on_meta(cfg):
         teacher = sb.UNet(json.loads(json.dumps(SD21_BASE)))
         text_encoder = CLIPTextModel(CLIPTextConfig(**SD2_TEXT))
     m = SimpleNamespace(teacher=teacher, student=None if cfg.student_lora else copy.deepcopy(teacher),
-                        prompts=["a cat"] * 12, embeddings=SimpleNamespace(encoder=text_encoder),
+                        prompts=["a cat"] * 12, embeddings=SimpleNamespace(text=Text([None], [text_encoder])),
                         uncond=torch.zeros(1, 77, 1024), latent_shape=(4, 64, 64))
     return m, sb.start_training(cfg, m, torch.device("meta"))
 

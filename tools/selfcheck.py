@@ -32,6 +32,7 @@ from harness.flags import AT_LEAST_1
 from harness.steplog import StepLog
 from memory.plan import peak_gb
 from formats.prompts import PromptEmbeddings
+from formats.text import Text
 from parity.configs import SD2_TEXT, SD21_BASE
 from tools.bench import TRAIN_BENCH_UNET
 from unet import UNet
@@ -68,7 +69,7 @@ def random_models(cfg, device, big):
         teacher = UNet(json.loads(json.dumps(unet_config)))  # as read from config.json
         encoder = CLIPTextModel(CLIPTextConfig(**text_config))
     prompts = [f"a random prompt number {i}" for i in range(256)]
-    embeddings = PromptEmbeddings(RandomTokens(text_config["vocab_size"]), encoder.to(device), prompts)  # fp32
+    embeddings = PromptEmbeddings(Text([RandomTokens(text_config["vocab_size"])], [encoder]).to(device), prompts)  # fp32
     shape = (4, unet_config["sample_size"], unet_config["sample_size"])
     return sb.Models(teacher, copy.deepcopy(teacher), sb.Schedule(), prompts, embeddings, embeddings.uncond, shape)
 
