@@ -148,13 +148,14 @@ def load_generator(a):
     model = stored.model if stored else resolve_model(a.model, a.prediction_type)
     schedule = Schedule(scheduler_config(model))
     student_schedule = schedule.predicting(stored.prediction_type if stored else None)
-    size = (a.resolution, a.resolution) if a.resolution else None  # SDXL's micro-conditioning (None: its own)
-    text = load_text(model, size).to(device)  # fp32 everywhere, as in training (the authors encode prompts in fp32)
     vae = None
-    if os.path.isdir(os.path.join(model, "vae")):
-        vae = load_vae(os.path.join(model, "vae"), dtype).to(device)
+    if os.path.isdir(os.path.join(model, "vae")):  # fp32 on every device: SDXL's VAE overflows fp16 (its config's
+        vae = load_vae(os.path.join(model, "vae")).to(device)  # force_upcast), and one decode is cheap beside a UNet
     teacher = load_unet(model, dtype).to(device) if a.teacher_steps else None
     c = shape if shape and not a.resolution else latent_shape(teacher if student is None else student, vae, a.resolution)
+    factor = 2 ** (len(vae.config["block_out_channels"]) - 1) if vae else 1  # pixels per latent
+    text = load_text(model, (c[1] * factor, c[2] * factor)).to(device)  # SDXL: conditioned on the size it makes; fp32 everywhere,
+                                                          # as in training (the authors encode prompts in fp32)
     student = student.to(device) if student is not None else None
     return Generator(student, stored.param if stored else None, steps, student_schedule, teacher, vae, schedule,
                      text, text.uncond, c, device)

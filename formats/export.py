@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from formats.models import HUB_ID, SINGLE_FILE, hub_snapshot, resolve_model, run_teacher, scheduler_config, trailing_timesteps
-from formats.text import load_text
+from formats.text import load_text, zeros_for_empty
 from formats.single_file import (EXTRA_FILE, file_metadata, is_full_checkpoint, original_only_tensors, read_single_file,
                                  write_single_file)
 from harness.atomic import atomic
@@ -48,6 +48,12 @@ PIPELINE = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.3
             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
             "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
             "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False}
+PIPELINE_XL = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.30.0",
+               "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+               "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+               "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+               "tokenizer_2": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"],
+               "feature_extractor": [None, None], "image_encoder": [None, None]}
 # A K-step student's K steps are an LCMScheduler's: x0 from the UNet's output at t_k, then alpha x0 + sigma eps' at
 # t_(k+1) with eps' from the pipeline's generator, and the last x0 as the image. original_inference_steps = K: then
 # num_inference_steps=K gives trailing's timesteps wherever K divides T (any other K: pass timesteps=[...]); a
@@ -146,11 +152,11 @@ def pipeline_scheduler(teacher, steps, prediction_type):
 
 
 def write_pipeline(unet_dir, teacher, folder, scheduler):
-    """A diffusers pipeline folder: the student's unet/, the teacher's other parts (hard links where the file system
-    allows: no second copy on disk), the scheduler's config `scheduler`."""
-    for part, src in (("unet", unet_dir), ("vae", os.path.join(teacher, "vae")),
-                      ("text_encoder", os.path.join(teacher, "text_encoder")),
-                      ("tokenizer", os.path.join(teacher, "tokenizer"))):
+    """A diffusers pipeline folder (SDXL's for an SDXL teacher): the student's unet/, the teacher's other parts (hard
+    links where the file system allows: no second copy on disk), the scheduler's config `scheduler`."""
+    sdxl = os.path.isdir(os.path.join(teacher, "text_encoder_2"))
+    parts = ["vae", "text_encoder", "tokenizer"] + (["text_encoder_2", "tokenizer_2"] if sdxl else [])
+    for part, src in [("unet", unet_dir)] + [(part, os.path.join(teacher, part)) for part in parts]:
         os.makedirs(os.path.join(folder, part))
         for name in os.listdir(src):
             if name == LORA_FILE:  # a LoRA student's adapter: an export of its own, not a part of the pipeline
@@ -165,7 +171,9 @@ def write_pipeline(unet_dir, teacher, folder, scheduler):
             except OSError:
                 shutil.copy2(source, target)
     os.makedirs(os.path.join(folder, "scheduler"))
-    pipeline = PIPELINE | {"scheduler": ["diffusers", scheduler["_class_name"]]}
+    pipeline = (PIPELINE_XL if sdxl else PIPELINE) | {"scheduler": ["diffusers", scheduler["_class_name"]]}
+    if sdxl:  # CFG's unconditional branch as the teacher's pipeline makes it (formats/text.py)
+        pipeline["force_zeros_for_empty_prompt"] = zeros_for_empty(teacher)
     for name, obj in (("scheduler/scheduler_config.json", scheduler), ("model_index.json", pipeline)):
         with open(os.path.join(folder, name), "w") as f:
             json.dump(obj, f, indent=2)

@@ -1,10 +1,17 @@
 """SDXL end to end on a tiny SDXL-shaped folder in the official layout (conftest's sdxl_root): its text, Algorithm 1
 unchanged, resume, exports. The UNet's parity with diffusers is in parity/test_sdxl.py."""
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
 import torch
 
+import sample
 import unet
+from conftest import assert_same_ckpt, rel_err, run
+from formats.export import export_one_step
 from formats.text import load_text
+from unet import load_unet
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -41,3 +48,62 @@ def test_sdxl_uncond_is_encoded_where_the_model_does_not_ask_for_zeros(sdxl_root
     (root / "model_index.json").write_text(json.dumps({**index, "force_zeros_for_empty_prompt": False}))
     text = load_text(str(root))
     assert torch.equal(text.uncond, text.encode([""])) and text.uncond[:, :-1].abs().sum() > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Algorithm 1 unchanged: the same loop trains, resumes and exports an SDXL student
+
+STUDENTS = {"vsd": dict(loss="vsd"), "sds": dict(loss="sds"), "vsd-lora": dict(loss="vsd", student_lora=4)}
+
+
+@pytest.mark.parametrize("student", sorted(STUDENTS))
+def test_sdxl_student_trains_and_resumes_exactly(sdxl_root, tmp_path, student):
+    kw = {**STUDENTS[student], "diagnose_every": 1}  # the LoRA teacher's and the teacher's scores logged too
+    m, state, log = run(sdxl_root, tmp_path / "straight", 3, **kw)
+    assert len(log) == 3 and all(np.isfinite(row["loss_student"]) and row["grad_norm_student"] > 0 for row in log[1:])
+    assert m.latent_shape == (4, 8, 8) and m.embeddings[:1].shape == (1, 16 + 1, 128)  # 16 tokens + the row
+    teacher = load_unet(sdxl_root)
+    trained = m.student.state_dict() if not kw.get("student_lora") else None
+    if trained is not None:  # the micro-conditioning's weights train with the rest
+        assert not torch.equal(trained["add_embedding.linear_1.weight"], teacher.state_dict()["add_embedding.linear_1.weight"])
+    run(sdxl_root, tmp_path / "resumed", 2, **kw)
+    run(sdxl_root, tmp_path / "resumed", 3, **kw)
+    assert_same_ckpt(tmp_path / "straight" / "checkpoint.safetensors", tmp_path / "resumed" / "checkpoint.safetensors")
+
+
+def sample_args(student=None, model=None, teacher_steps=0):
+    return SimpleNamespace(student=student and str(student), model=model, prediction_type=None, n=2, seed=0,
+                           teacher_steps=teacher_steps, student_steps=None, prompt=["a red circle", "a blue square"],
+                           guidance=4.5, ema=True, device="cpu", resolution=None, lora_strength=1.0)
+
+
+def test_sdxl_export_is_a_stable_diffusion_xl_pipeline_whose_one_step_is_ours(sdxl_root, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+    run(sdxl_root, tmp_path, 2)
+    assert export_one_step(str(tmp_path))
+    ours = sample.generate(sample_args(tmp_path))
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "export" / "pipeline"), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.config.force_zeros_for_empty_prompt
+    for i, prompt in enumerate(["a red circle", "a blue square"]):
+        z = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(i))  # sample.py's noise
+        theirs = pipe(prompt, num_inference_steps=1, guidance_scale=0, latents=z, num_images_per_prompt=2,
+                      output_type="pt").images  # its default size: 16 px, as the micro-conditioning trained
+        assert pipe.scheduler.timesteps.tolist() == [999]
+        assert rel_err(ours[i][0], theirs * 2 - 1) < 1e-4
+
+
+def test_sdxl_teacher_ddim_with_cfg_is_diffusers_pipeline(sdxl_root):
+    """sample.py's teacher (DDIM + CFG against the zero unconditional branch) is StableDiffusionXLPipeline's."""
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+    ours = sample.generate(sample_args(model=sdxl_root, teacher_steps=3))
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_root, local_files_only=True)
+    # SDXL's Euler config says neither: DDIMScheduler's defaults would clip the latents to [-1, 1] and end at abar = 1;
+    # sample.py's DDIM reads the config as SD's DDIM configs say them (no clipping, abar_0 at the end)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, set_alpha_to_one=False)
+    pipe.set_progress_bar_config(disable=True)
+    for i, prompt in enumerate(["a red circle", "a blue square"]):
+        z = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(i))
+        theirs = pipe(prompt, num_inference_steps=3, guidance_scale=4.5, latents=z, num_images_per_prompt=2,
+                      output_type="pt").images
+        assert rel_err(ours[i][0], theirs * 2 - 1) < 1e-4

@@ -92,7 +92,7 @@ def load_text(folder, image_size=None):
                                f"{str(e).splitlines()[0] if str(e) else ''}") from None
     if not sdxl:
         return Text(tokenizers, encoders)
-    return Text(tokenizers, encoders, image_size or default_image_size(folder), zero_uncond=_zeros_for_empty(folder))
+    return Text(tokenizers, encoders, image_size or default_image_size(folder), zero_uncond=zeros_for_empty(folder))
 
 
 def default_image_size(folder):
@@ -103,7 +103,7 @@ def default_image_size(folder):
     return side, side
 
 
-def _zeros_for_empty(folder):
+def zeros_for_empty(folder):
     """model_index.json's force_zeros_for_empty_prompt (its pipeline's default, True, where it does not say)."""
     try:
         with open(os.path.join(folder, "model_index.json")) as f:
