@@ -383,6 +383,9 @@ def load_models(cfg, device):
     mini = miniature_package(cfg.model)
     folder = mini.teacher.build_teacher(cfg.model) if mini else resolve_model(cfg.model, cfg.prediction_type)
     teacher = load_unet(folder)
+    if teacher.micro_dim:  # SDXL: Algorithm 1 unchanged, the authors' settings untested on it
+        print("model: SDXL; the settings are the authors' for SD 2.1-base unless given: docs/training.md#sdxl has the "
+              "nearest published SDXL recipe (DMD2's), not measured here")
     vae = load_vae(os.path.join(folder, "vae")) if os.path.isdir(os.path.join(folder, "vae")) else None
     prompts = open_prompts(cfg.prompts)
     size = (cfg.resolution, cfg.resolution) if cfg.resolution else None  # SDXL's micro-conditioning (None: its own)

@@ -53,7 +53,8 @@ def test_sdxl_uncond_is_encoded_where_the_model_does_not_ask_for_zeros(sdxl_root
 # --------------------------------------------------------------------------------------------------
 # Algorithm 1 unchanged: the same loop trains, resumes and exports an SDXL student
 
-STUDENTS = {"vsd": dict(loss="vsd"), "sds": dict(loss="sds"), "vsd-lora": dict(loss="vsd", student_lora=4)}
+STUDENTS = {"vsd": dict(loss="vsd"), "sds": dict(loss="sds"), "vsd-lora": dict(loss="vsd", student_lora=4),
+            "vsd-k2": dict(loss="vsd", student_steps=2)}
 
 
 @pytest.mark.parametrize("student", sorted(STUDENTS))
@@ -107,3 +108,25 @@ def test_sdxl_teacher_ddim_with_cfg_is_diffusers_pipeline(sdxl_root):
         theirs = pipe(prompt, num_inference_steps=3, guidance_scale=4.5, latents=z, num_images_per_prompt=2,
                       output_type="pt").images
         assert rel_err(ours[i][0], theirs * 2 - 1) < 1e-4
+
+
+def test_sdxl_lora_student_file_in_diffusers_is_our_one_step_student(sdxl_root, tmp_path):
+    """The LoRA student's file (kohya's layout) on SDXL's pipeline via diffusers' load_lora_weights: our student's
+    image from the same noise; at strength 0 the teacher's own one step."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    run(sdxl_root, tmp_path, 2, student_lora=4)
+    assert export_one_step(str(tmp_path))
+    file = tmp_path / "export" / "student-lora.safetensors"
+    ours, teacher_one_step = sample.generate(sample_args(tmp_path)), sample.generate(sample_args(sdxl_root))
+    from_file = sample.generate(sample_args(file, sdxl_root))  # sample.py applies the file to the teacher
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "export" / "pipeline"), local_files_only=True)
+    pipe.unet = UNet2DConditionModel.from_pretrained(sdxl_root, subfolder="unet")  # the teacher's, then the LoRA
+    pipe.load_lora_weights(str(file))
+    pipe.set_progress_bar_config(disable=True)
+    z = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    for scale, want in ((1.0, ours), (0.0, teacher_one_step)):
+        theirs = pipe("a red circle", num_inference_steps=1, guidance_scale=0, latents=z, num_images_per_prompt=2,
+                      output_type="pt", cross_attention_kwargs={"scale": scale}).images
+        assert rel_err(want[0][0], theirs * 2 - 1) < 1e-4, scale
+    assert rel_err(ours[0][0], from_file[0][0]) < 1e-5
+    assert rel_err(ours[0][0], teacher_one_step[0][0]) > 1e-3  # the LoRA changes the image
