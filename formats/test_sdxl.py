@@ -1,5 +1,6 @@
 """SDXL end to end on a tiny SDXL-shaped folder in the official layout (conftest's sdxl_root): its text, Algorithm 1
 unchanged, resume, exports. The UNet's parity with diffusers is in parity/test_sdxl.py."""
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -130,3 +131,26 @@ def test_sdxl_lora_student_file_in_diffusers_is_our_one_step_student(sdxl_root, 
         assert rel_err(want[0][0], theirs * 2 - 1) < 1e-4, scale
     assert rel_err(ours[0][0], from_file[0][0]) < 1e-5
     assert rel_err(ours[0][0], teacher_one_step[0][0]) > 1e-3  # the LoRA changes the image
+
+
+def test_sdxl_hub_id_is_read_with_both_text_encoders(sdxl_root):
+    """A hub id's files: both text encoders and tokenizers; its cached snapshot is whole only with both."""
+    import shutil
+    from pathlib import Path
+    from huggingface_hub import constants
+    from formats import models
+    names = sorted(str(p.relative_to(sdxl_root)) for p in Path(sdxl_root).rglob("*") if p.is_file())
+    wanted = models.hub_files("someone/tiny-sdxl", names)
+    assert {"text_encoder_2/model.safetensors", "text_encoder_2/config.json", "tokenizer_2/tokenizer.json",
+            "tokenizer/tokenizer.json", "model_index.json"} <= set(wanted)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    cached = os.path.join(constants.HF_HUB_CACHE, "models--someone--tiny-sdxl")
+    shutil.copytree(sdxl_root, os.path.join(cached, "snapshots", commit))
+    os.makedirs(os.path.join(cached, "refs"))
+    with open(os.path.join(cached, "refs", "main"), "w") as f:
+        f.write(commit)
+    folder = models.resolve_model("someone/tiny-sdxl")
+    assert folder.endswith(commit) and load_text(folder).sdxl
+    os.remove(os.path.join(folder, "text_encoder_2", "model.safetensors"))  # half a snapshot: fetched again,
+    with pytest.raises(unet.WeightsError, match="hub cache"):             # offline here: one line
+        models.resolve_model("someone/tiny-sdxl")
