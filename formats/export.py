@@ -1,7 +1,7 @@
 """The one-step (or K-step) student in the forms other tools load, from a swiftbrush.py run folder:
 
 - `pipeline/`: a diffusers StableDiffusionPipeline folder (the student's UNet with the teacher's VAE, text encoder
-  and tokenizer) whose scheduler makes one step exactly Eq. 7: `pipe(prompt, num_inference_steps=1,
+  and tokenizer; for SDXL a StableDiffusionXLPipeline, with the second encoder and tokenizer) whose scheduler makes one step exactly Eq. 7: `pipe(prompt, num_inference_steps=1,
   guidance_scale=0)`; for a K-step student its K steps: `num_inference_steps=K`;
 - `student-lora.safetensors` (a LoRA student, `--student-lora`): its adapter alone, in kohya's layout, which ComfyUI's
   LoraLoader, A1111 and diffusers' `load_lora_weights` apply to the teacher, or to any finetune of it, at a strength;
