@@ -1,15 +1,20 @@
-"""Original single-file Stable Diffusion checkpoints (CompVis/LDM layout) <-> our parts, SD 1.x and 2.x.
+"""Original single-file Stable Diffusion checkpoints (CompVis/LDM and Stability's sgm layouts) <-> our parts, SD 1.x,
+2.x and SDXL.
 
 The file A1111 and ComfyUI load (`v1-5-pruned-emaonly.safetensors`, `v2-1_512-ema-pruned.safetensors`) holds the
 UNet under `model.diffusion_model.`, the VAE under `first_stage_model.` and the text encoder under
 `cond_stage_model.transformer.` (SD 1: a transformers CLIPTextModel) or `cond_stage_model.model.` (SD 2: the
-OpenCLIP text tower). Our parts use the diffusers folder names (unet.py, vae.py) and transformers' `text_model.*`.
+OpenCLIP text tower). SDXL's (`sd_xl_base_1.0.safetensors`, sgm's DiffusionEngine) keeps the UNet and VAE prefixes
+and holds its two text towers under `conditioner.embedders.0.transformer.` (CLIP ViT-L, transformers names) and
+`conditioner.embedders.1.model.` (OpenCLIP ViT-bigG, open_clip names). Our parts use the diffusers folder names
+(unet.py, vae.py) and transformers' `text_model.*`.
 
 The mapping is written once, as data: each table row is an (ours, original) pair of key prefixes, read left to
 right to write a file and right to left to read one. `{i}` is a block and `{j}` a layer within it on our side;
 the original's own numbers for them (`{d}`, `{u}`, `{m}`, `{k}`, `{r}`, `{s}`) come from `renumber`. A row may carry
 a sub-table for the rest of the key. Sources: diffusers `scripts/convert_diffusers_to_original_stable_diffusion.py`
-and `src/diffusers/loaders/single_file_utils.py`.
+and `src/diffusers/loaders/single_file_utils.py`; for SDXL also Stability-AI/generative-models (sgm) and ComfyUI's
+`comfy/supported_models.py` (docs/single-files.md has the details).
 """
 import functools
 import math
@@ -77,8 +82,22 @@ OPENCLIP = [
     ("text_model.encoder.layers.{n}.", "transformer.resblocks.{n}.", OPENCLIP_LAYER),
     (None, "text_projection"), (None, "logit_scale"), (None, "attn_mask"),  # contrastive head, causal mask
 ]
+# SDXL's UNet: SD's, plus sgm's `label_emb = Sequential(Sequential(Linear, SiLU, Linear))`, the pooled text and the
+# six micro-conditioning ids into the time embedding (diffusers' add_embedding; DIFFUSERS_TO_LDM_MAPPING's
+# "addition_embed_type" rows). Its own table, so that an SD 1.x/2.x file with these keys is still refused.
+UNET_XL = [("add_embedding.linear_1.", "label_emb.0.0."), ("add_embedding.linear_2.", "label_emb.0.2.")] + UNET
+# SDXL's OpenCLIP bigG: SD 2's tower (all 32 blocks used: the pooled output runs the last one) with its projection,
+# which open_clip applies as `x @ text_projection` [width, dim] and transformers as a Linear [dim, width]: one is the
+# other's transpose (see to_original / from_original), as diffusers' convert_open_clip_checkpoint and ComfyUI's
+# clip_text_transformers_convert read it.
+OPENCLIP_G = [("text_projection.weight", "text_projection")] + [row for row in OPENCLIP if row[1] != "text_projection"]
 PARTS = {"unet": ("model.diffusion_model.", UNET), "vae": ("first_stage_model.", VAE),
-         "sd1": ("cond_stage_model.transformer.", CLIP), "sd2": ("cond_stage_model.model.", OPENCLIP)}
+         "sd1": ("cond_stage_model.transformer.", CLIP), "sd2": ("cond_stage_model.model.", OPENCLIP),
+         "unet_xl": ("model.diffusion_model.", UNET_XL),
+         "sdxl_l": ("conditioner.embedders.0.transformer.", CLIP), "sdxl_g": ("conditioner.embedders.1.model.", OPENCLIP_G)}
+# Each family's parts: its UNet table and its text encoders, in the folder's order (text_encoder, text_encoder_2).
+FAMILIES = {"sd1": ("unet", ("sd1",)), "sd2": ("unet", ("sd2",)), "sdxl": ("unet_xl", ("sdxl_l", "sdxl_g"))}
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 UNUSED_OPENCLIP_BLOCK = "transformer.resblocks.23."  # ViT-H's last block: SD 2 conditions on the penultimate layer,
 # so diffusers (and we) never load it; files written without it (ours, diffusers' script) read the same
 
@@ -141,13 +160,19 @@ def block_shape(part, keys, original):
     """(blocks, layers per block, up blocks with attention): the numbers `renumber` needs, from key names."""
     if part == "vae":
         return len(_indices(keys, r"decoder\.up\.(\d+)\." if original else r"decoder\.up_blocks\.(\d+)\.")), 1, ()
-    if part != "unet":
+    if part not in ("unet", "unet_xl"):
         return 1, 1, ()
     if original:  # input_blocks.{per * (i + 1)}.0.op is the first downsampler
         blocks = len(_indices(keys, r"input_blocks\.(\d+)\.0\.op\.")) + 1
         return blocks, len(_indices(keys, r"output_blocks\.(\d+)\.")) // blocks - 1, ()
     return (len(_indices(keys, r"down_blocks\.(\d+)\.")), len(_indices(keys, r"down_blocks\.0\.resnets\.(\d+)\.")),
             _indices(keys, r"up_blocks\.(\d+)\.attentions\."))
+
+
+PART_NAMES = {"unet": "a Stable Diffusion 1.x/2.x UNet", "vae": "a Stable Diffusion 1.x/2.x/XL VAE",
+              "sd1": "a Stable Diffusion 1.x/2.x text encoder", "sd2": "a Stable Diffusion 1.x/2.x text encoder",
+              "unet_xl": "an SDXL UNet", "sdxl_l": "SDXL's CLIP ViT-L text encoder",
+              "sdxl_g": "SDXL's OpenCLIP ViT-bigG text encoder"}
 
 
 def rename_part(sd, part, to_original):
@@ -162,9 +187,8 @@ def rename_part(sd, part, to_original):
             continue
         (unused if new is None else out)[new or key] = tensor
     if unknown:
-        name = {"unet": "UNet", "vae": "VAE"}.get(part, "text encoder")
         shown = ", ".join(unknown[:3]) if to_original else ", ".join(PARTS[part][0] + k for k in unknown[:3])
-        raise WeightsError(f"{len(unknown)} tensors are not part of a Stable Diffusion 1.x/2.x {name} (e.g. {shown}); "
+        raise WeightsError(f"{len(unknown)} tensors are not part of {PART_NAMES[part]} (e.g. {shown}); "
                            f"{'pass diffusers-layout weights' if to_original else 'is this another model type?'}")
     return out, unused
 
@@ -188,38 +212,65 @@ def split_qkv(sd):
 
 def text_model_names(text):
     """The text encoder's keys as its files name them: transformers >= 5.6 drops CLIPTextModel's `text_model.`
-    prefix in memory."""
-    return {k if k.startswith("text_model.") else "text_model." + k: v for k, v in text.items()}
+    prefix in memory (CLIPTextModelWithProjection keeps it, and its projection sits beside it)."""
+    return {k if k.startswith("text_model.") or k == "text_projection.weight" else "text_model." + k: v
+            for k, v in text.items()}
 
 
-def to_original(unet=None, vae=None, text=None, family="sd1"):
-    """Our parts (diffusers-layout state dicts; any may be None) -> one dict in the original single-file layout."""
-    if family not in ("sd1", "sd2"):
-        raise WeightsError(f"family must be 'sd1' or 'sd2', not {family!r}")
-    if text is not None:
-        text = text_model_names(text)
-        text = fuse_qkv(text) if family == "sd2" else text
+def to_original(unet=None, vae=None, text=None, family="sd1", text_2=None):
+    """Our parts (diffusers-layout state dicts; any may be None) -> one dict in the original single-file layout.
+    SDXL: `text` is CLIP ViT-L's (text_encoder/), `text_2` OpenCLIP bigG's (text_encoder_2/, with its projection)."""
+    if family not in FAMILIES:
+        raise WeightsError(f"family must be 'sd1', 'sd2' or 'sdxl', not {family!r}")
+    if (family == "sdxl") != (text_2 is not None) and (text is not None or text_2 is not None):
+        raise WeightsError(f"family must be 'sdxl' for two text encoders (text: CLIP ViT-L's, text_2: OpenCLIP "
+                           f"bigG's), 'sd1' or 'sd2' for one; got family {family!r} with "
+                           f"{'two text encoders' if text_2 is not None and text is not None else 'one'}")
+    unet_part, text_parts = FAMILIES[family]
+    texts = [text_model_names(text) if text is not None else None]
+    if text_2 is not None:  # transformers' Linear weight [dim, width] -> open_clip's `x @ text_projection` [width, dim]
+        texts.append({k: v.T if k == "text_projection.weight" else v
+                      for k, v in fuse_qkv(text_model_names(text_2)).items()})
+    if family == "sd2" and text is not None:
+        texts[0] = fuse_qkv(texts[0])
     if vae is not None:  # the VAE's only Linear layers are its mid attention, stored as 1x1 convs
         vae = {k: v[:, :, None, None] if v.ndim == 2 else v for k, v in vae.items()}
     out = {}
-    for part, sd in (("unet", unet), ("vae", vae), (family, text)):
+    for part, sd in (("unet", unet), ("vae", vae), *zip(text_parts, texts)):
         if sd is not None:
+            part = unet_part if part == "unet" else part
             out |= {PARTS[part][0] + k: v for k, v in rename_part(sd, part, to_original=True)[0].items()}
     return out
 
 
+def file_family(sd, family=None):
+    """The family a file's keys say: its text encoders' prefixes; for a UNet-only file `family` (our files' metadata),
+    else SDXL's label_emb, else SD 2's Linear proj_in."""
+    found = [f for f, (_, texts) in FAMILIES.items() if any(k.startswith(PARTS[t][0]) for t in texts for k in sd)]
+    if len(found) > 1:
+        raise WeightsError(f"the file holds the text encoders of {' and '.join(FAMILY_NAMES[f] for f in found)} "
+                           f"({', '.join(PARTS[FAMILIES[f][1][0]][0] + '*' for f in found)}): a broken merge; use a "
+                           f"checkpoint of one model")
+    if found:
+        return found[0]
+    if family in FAMILIES:
+        return family
+    unet = PARTS["unet"][0]
+    if unet + "label_emb.0.0.weight" in sd:
+        return "sdxl"
+    proj_in = sd.get(unet + "middle_block.1.proj_in.weight")
+    return "sd2" if proj_in is not None and proj_in.ndim == 2 else "sd1"
+
+
 def from_original(sd, family=None):
-    """One original-layout dict -> dict(family, unet, vae, text, extra): our state dicts (None when absent) and the
-    original tensors we do not use (schedule buffers, EMA copies, OpenCLIP's last block and head, ...)."""
+    """One original-layout dict -> dict(family, unet, vae, text, text_2, extra): our state dicts (None when absent;
+    text_2 is SDXL's OpenCLIP bigG) and the original tensors we do not use (schedule buffers, EMA copies, OpenCLIP's
+    last block and head, ...)."""
     check_is_sd(sd)
-    found = [f for f in ("sd1", "sd2") if any(k.startswith(PARTS[f][0]) for k in sd)]
-    if found:  # the text encoder names the family; a UNet-only file needs `family` (or: SD 2 projects with Linear)
-        family = found[0]
-    elif family is None:
-        proj_in = sd.get(PARTS["unet"][0] + "middle_block.1.proj_in.weight")
-        family = "sd2" if proj_in is not None and proj_in.ndim == 2 else "sd1"
-    result, extra = {"family": family}, dict(sd)
-    for name, part in (("unet", "unet"), ("vae", "vae"), ("text", family)):
+    family = file_family(sd, family)
+    unet_part, text_parts = FAMILIES[family]
+    result, extra = {"family": family, "text_2": None}, dict(sd)
+    for name, part in (("unet", unet_part), ("vae", "vae"), *zip(("text", "text_2"), text_parts)):
         prefix = PARTS[part][0]
         mine = {k[len(prefix):]: extra.pop(k) for k in list(extra) if k.startswith(prefix)}
         if part == "sd2":
@@ -231,27 +282,30 @@ def from_original(sd, family=None):
         extra |= {prefix + k: v for k, v in unused.items()}
         if part == "vae":
             ours = {k: v[:, :, 0, 0] if v.ndim == 4 and ".attentions." in k else v for k, v in ours.items()}
-        result[name] = split_qkv(ours) if part == "sd2" else ours
+        if part == "sdxl_g":  # open_clip's [width, dim] projection -> transformers' Linear weight [dim, width]
+            ours = {k: v.T.contiguous() if k == "text_projection.weight" else v for k, v in ours.items()}
+        result[name] = split_qkv(ours) if part in ("sd2", "sdxl_g") else ours
     return result | {"extra": extra}
 
 
 def check_is_sd(sd):
-    """One clear line for the files people mistake for an SD 1.x/2.x checkpoint."""
+    """One clear line for the files people mistake for an SD 1.x/2.x/XL checkpoint."""
     keys = list(sd)
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise WeightsError("this is an SDXL checkpoint (conditioner.embedders.*); only Stable Diffusion 1.x/2.x "
-                           "single files are supported: use an SD 1.x/2.x file")
+    if any(k.startswith("conditioner.embedders.0.model.") for k in keys):  # sgm's only OpenCLIP: A1111's test too
+        raise WeightsError("this is an SDXL refiner (or an SD 2 file in the sgm layout): its one text encoder is "
+                           "OpenCLIP at conditioner.embedders.0.model.*; only SD 1.x/2.x and SDXL base-shaped files "
+                           "are supported: use the base model's file")
     if any(k.startswith(("lora_unet_", "lora_te")) or ".lora_down." in k or ".lora_A." in k for k in keys):
         raise WeightsError("this is a LoRA file, not a full checkpoint; load the base model's single file instead")
     if not any(k.startswith(PARTS["unet"][0]) for k in keys):
-        raise WeightsError(f"not a Stable Diffusion 1.x/2.x single-file checkpoint: no model.diffusion_model.* keys "
+        raise WeightsError(f"not a Stable Diffusion 1.x/2.x/XL single-file checkpoint: no model.diffusion_model.* keys "
                            f"(found e.g. {', '.join(keys[:3]) or 'nothing'}); for a diffusers folder, pass the folder")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Architecture from the tensors' shapes: diffusers-style config.json dicts. What shapes cannot tell is SD's own
 # value (the published configs): norm groups, sample size, scaling factor, token ids, and the heads: SD 1 has 8 per
-# UNet block, SD 2 64-wide ones, like both text towers.
+# UNet block, SD 2 and SDXL 64-wide ones, like every text tower.
 
 UNET_FIXED = {"_class_name": "UNet2DConditionModel", "act_fn": "silu", "center_input_sample": False,
               "downsample_padding": 1, "dual_cross_attention": False, "flip_sin_to_cos": True, "freq_shift": 0,
@@ -262,27 +316,42 @@ VAE_FIXED = {"_class_name": "AutoencoderKL", "act_fn": "silu", "norm_num_groups"
 TEXT_FIXED = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "layer_norm_eps": 1e-5,
               "attention_dropout": 0.0, "dropout": 0.0, "initializer_factor": 1.0, "initializer_range": 0.02,
               "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
+# SDXL base 1.0's published values (stabilityai/stable-diffusion-xl-base-1.0: unet/ and vae/config.json): 1024 px
+# (128 latents), its VAE's scale, and the VAE decoded in fp32 (it overflows fp16). The micro-conditioning ids are
+# embedded 256 wide: SDXL's pooled text is bigG's 1280-wide projection, and label_emb takes 1280 + 6 x 256 = 2816.
+SAMPLE_SIZE = {"sd1": 64, "sd2": 64, "sdxl": 128}
+UNET_XL_FIXED = {"addition_embed_type": "text_time", "addition_embed_type_num_heads": 64}
+VAE_XL_FIXED = {"sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
+SDXL_POOLED = 1280
+QUICK_GELU = ("sd1", "sdxl_l")  # OpenAI's CLIP ViT-L (SD 1, SDXL's first tower); OpenCLIP's ViT-H and bigG use gelu
 
 
-def check_heads(widths, divisor, what):
-    """SD's rule for the heads (SD 2 and both text towers: 64 wide; SD 1's UNet: 8 per block) must split each width
-    into whole heads, at least one: else the file is not SD-shaped, said in one line before a model divides by 0."""
+def check_heads(widths, divisor, what, family="sd1"):
+    """SD's rule for the heads (SD 2, SDXL and every text tower: 64 wide; SD 1's UNet: 8 per block) must split each
+    width into whole heads, at least one: else the file is not SD-shaped, said in one line before a model divides
+    by 0."""
     bad = [w for w in widths if w < divisor or w % divisor]
     if bad:
+        shape = "SDXL" if family == "sdxl" else "Stable Diffusion 1.x/2.x"
         raise WeightsError(f"its {what} widths {list(widths)} do not split into SD's heads ({bad[0]} / {divisor} = "
-                           f"{bad[0] / divisor:g}): the file is not Stable Diffusion 1.x/2.x-shaped")
+                           f"{bad[0] / divisor:g}): the file is not {shape}-shaped")
 
 
-def unet_config(sd, family, upcast_attention=False, sample_size=64):
+def unet_config(sd, family, upcast_attention=False, sample_size=None, pooled_dim=None):
+    """`pooled_dim`: SDXL's pooled text width (bigG's projection), which label_emb's input shares with the six ids'
+    embeddings; SDXL's 1280 when None (a UNet alone does not say)."""
     blocks, layers, up_attention = block_shape("unet", sd.keys(), original=False)
     boc = [sd[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(blocks)]
-    check_heads(boc, 64 if family == "sd2" else 8, "UNet block")
+    check_heads(boc, 8 if family == "sd1" else 64, "UNet block", family)
     attention = [f"down_blocks.{i}" if f"down_blocks.{i}.attentions.0.norm.weight" in sd else None
                  for i in range(blocks)]
-    depth = [len(_indices(sd, rf"{b or 'mid_block'}\.attentions\.0\.transformer_blocks\.(\d+)\."))
-             for b in attention]
-    return UNET_FIXED | {
-        "block_out_channels": boc, "layers_per_block": layers, "sample_size": sample_size,
+    # A level without attention has no depth (diffusers ignores its entry: 1, as SDXL's published [1, 2, 10]), but
+    # the last level's entry is also the mid block's depth (diffusers' transformer_layers_per_block[-1]).
+    depth = [len(_indices(sd, rf"{b}\.attentions\.0\.transformer_blocks\.(\d+)\.")) if b else 1 for b in attention]
+    if attention[-1] is None:
+        depth[-1] = len(_indices(sd, r"mid_block\.attentions\.0\.transformer_blocks\.(\d+)\."))
+    config = UNET_FIXED | {
+        "block_out_channels": boc, "layers_per_block": layers, "sample_size": sample_size or SAMPLE_SIZE[family],
         "in_channels": sd["conv_in.weight"].shape[1], "out_channels": sd["conv_out.weight"].shape[0],
         "down_block_types": ["CrossAttnDownBlock2D" if b else "DownBlock2D" for b in attention],
         "up_block_types": ["CrossAttnUpBlock2D" if i in up_attention else "UpBlock2D" for i in range(blocks)],
@@ -291,11 +360,22 @@ def unet_config(sd, family, upcast_attention=False, sample_size=64):
         "transformer_layers_per_block": depth[0] if len(set(depth)) == 1 else depth,
         "use_linear_projection": sd["mid_block.attentions.0.proj_in.weight"].ndim == 2,  # SD 1: 1x1 conv
         "upcast_attention": upcast_attention}
+    if family != "sdxl":
+        return config
+    adm = sd["add_embedding.linear_1.weight"].shape[1]  # pooled text + 6 ids, each embedded `time` wide
+    pooled = pooled_dim or SDXL_POOLED
+    time, rest = divmod(adm - pooled, 6)
+    if time < 1 or rest:
+        whose = "its bigG's" if pooled_dim else "SDXL's"
+        raise WeightsError(f"its UNet's label_emb takes {adm} values, not the pooled text ({whose} {pooled}) plus 6 "
+                           f"embedded ids: not SDXL-shaped, or a UNet alone of another pooled width: read it with its "
+                           f"text encoders (a full file)")
+    return config | UNET_XL_FIXED | {"addition_time_embed_dim": time, "projection_class_embeddings_input_dim": adm}
 
 
-def vae_config(sd):
+def vae_config(sd, family="sd1"):
     blocks = len(_indices(sd, r"encoder\.down_blocks\.(\d+)\."))
-    return VAE_FIXED | {
+    return VAE_FIXED | (VAE_XL_FIXED if family == "sdxl" else {}) | {
         "block_out_channels": [sd[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(blocks)],
         "layers_per_block": len(_indices(sd, r"encoder\.down_blocks\.0\.resnets\.(\d+)\.")),
         "down_block_types": ["DownEncoderBlock2D"] * blocks, "up_block_types": ["UpDecoderBlock2D"] * blocks,
@@ -303,11 +383,15 @@ def vae_config(sd):
         "latent_channels": sd["decoder.conv_in.weight"].shape[1]}
 
 
-def text_config(sd, family):
+def text_config(sd, part):
+    """`part`: the text encoder's PARTS name: sd1, sd2, or SDXL's sdxl_l (CLIP ViT-L) and sdxl_g (OpenCLIP bigG,
+    a CLIPTextModelWithProjection)."""
     tokens = sd["text_model.embeddings.token_embedding.weight"]
-    check_heads([tokens.shape[1]], 64, "text encoder")
-    return TEXT_FIXED | {
-        "hidden_act": "quick_gelu" if family == "sd1" else "gelu", "hidden_size": tokens.shape[1],
+    check_heads([tokens.shape[1]], 64, "text encoder", "sdxl" if part.startswith("sdxl") else part)
+    projection = {"architectures": ["CLIPTextModelWithProjection"],
+                  "projection_dim": sd["text_projection.weight"].shape[0]} if part == "sdxl_g" else {}
+    return TEXT_FIXED | projection | {
+        "hidden_act": "quick_gelu" if part in QUICK_GELU else "gelu", "hidden_size": tokens.shape[1],
         "num_attention_heads": tokens.shape[1] // 64, "vocab_size": tokens.shape[0],
         "intermediate_size": sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
         "num_hidden_layers": len(_indices(sd, r"text_model\.encoder\.layers\.(\d+)\.")),
@@ -346,9 +430,10 @@ def load_tensors(path):
     return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}, {}
 
 
-def read_single_file(path, full=True, upcast_attention=False, sample_size=64):
-    """Read an original SD 1.x/2.x checkpoint: dict(family, unet=(config, sd), vae=(config, sd) or None,
-    text=(config, sd) or None, extra). `upcast_attention=True, sample_size=96` for SD 2.x-768 (not in the file)."""
+def read_single_file(path, full=True, upcast_attention=False, sample_size=None):
+    """Read an original SD 1.x/2.x/XL checkpoint: dict(family, unet=(config, sd), vae=(config, sd) or None,
+    text=(config, sd) or None, text_2=(config, sd) or None (SDXL's bigG), extra). `upcast_attention=True,
+    sample_size=96` for SD 2.x-768 (not in the file); sample_size None: the family's (SD 64, SDXL 128 latents)."""
     sd, meta = load_tensors(path)
     parts = from_original(sd, meta.get("family"))
     unet = parts["unet"]
@@ -356,25 +441,32 @@ def read_single_file(path, full=True, upcast_attention=False, sample_size=64):
         raise WeightsError(f"{path}: its UNet takes {unet['conv_in.weight'].shape[1]} input channels, not the VAE's "
                            f"latents alone: an inpainting, depth or instruct model, not a text-to-image one; use the "
                            f"base checkpoint")
-    missing = [name for p, name in (("vae", "VAE (first_stage_model.*)"), ("text", "text encoder (cond_stage_model.*)"))
-               if parts[p] is None]
-    if full and missing:
-        raise WeightsError(f"{path} has no {' and no '.join(missing)}; a full checkpoint (UNet, VAE and text encoder) "
-                           f"is needed here, not a UNet-only file")
     family = parts["family"]
-    configs = {"unet": lambda s: unet_config(s, family, upcast_attention, sample_size), "vae": vae_config,
-               "text": lambda s: text_config(s, family)}
+    _, text_parts = FAMILIES[family]
+    wanted = [("vae", "VAE (first_stage_model.*)")] + [
+        (name, f"{PART_NAMES[part] if family == 'sdxl' else 'text encoder'} ({PARTS[part][0]}*)")
+        for name, part in zip(("text", "text_2"), text_parts)]
+    missing = [what for p, what in wanted if parts[p] is None]
+    if full and missing:
+        raise WeightsError(f"{path} has no {' and no '.join(missing)}; a full checkpoint (UNet, VAE and text "
+                           f"encoder{'s' if len(text_parts) > 1 else ''}) is needed here, not a UNet-only file")
+    # SDXL's pooled width: bigG's projection, else what our UNet-only exports record, else SDXL's
+    pooled = parts["text_2"]["text_projection.weight"].shape[0] if parts["text_2"] else int(meta.get("pooled_dim", 0))
+    configs = {"unet": lambda s: unet_config(s, family, upcast_attention, sample_size, pooled or None),
+               "vae": lambda s: vae_config(s, family), "text": lambda s: text_config(s, text_parts[0]),
+               "text_2": lambda s: text_config(s, text_parts[-1])}
     return parts | {p: None if parts[p] is None else (configs[p](parts[p]), parts[p]) for p in configs}
 
 
-def write_single_file(path, unet, vae=None, text=None, family="sd1", extra=None, metadata=None):
+def write_single_file(path, unet, vae=None, text=None, family="sd1", extra=None, metadata=None, text_2=None):
     """Write our parts as one original-layout .safetensors file (UNet-only when vae/text are None), atomically.
-    `extra`: original tensors to carry over, e.g. `read_single_file(teacher)["extra"]` (OpenCLIP's last block);
-    `metadata`: strings for the file's header, e.g. its prediction_type, which the tensors cannot say."""
+    SDXL: `text` CLIP ViT-L's, `text_2` OpenCLIP bigG's state dict. `extra`: original tensors to carry over, e.g.
+    `read_single_file(teacher)["extra"]` (OpenCLIP's last block); `metadata`: strings for the file's header, e.g. its
+    prediction_type, which the tensors cannot say (an SDXL UNet alone: its pooled_dim)."""
     path = str(path)
     if not path.endswith(".safetensors"):
         raise WeightsError(f"{path}: write a .safetensors file (a .ckpt is a pickle, which we never write)")
-    sd, extra = to_original(unet, vae, text, family), dict(extra or {})
+    sd, extra = to_original(unet, vae, text, family, text_2), dict(extra or {})
     ours = (PARTS["unet"][0],) + ((PARTS["vae"][0],) if vae is not None else ())  # wholly ours: nothing to add
     clash = sorted(k for k in extra if k in sd or k.startswith(ours))
     if clash:
@@ -398,21 +490,25 @@ LDM_SCHEDULE = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_c
                 "posterior_mean_coef1", "posterior_mean_coef2")  # register_schedule's 12 buffers, in its order
 
 
-def ldm_schedule(scheduler):
-    """The 12 schedule buffers of ldm's LatentDiffusion, computed as register_schedule computes them (the betas in
-    float64 torch, the rest in float64 numpy, v_posterior 0) and stored float32, also in an fp16 file: A1111 samples
-    with the file's alphas_cumprod, and fp16 would round abar_999 = 0.0046601 to 0.0046616. `scheduler`: a diffusers
+def ldm_betas(scheduler):
+    """The betas as ldm's and sgm's make_beta_schedule make them (float64 torch, then numpy). `scheduler`: a diffusers
     scheduler config (SD's when {}); its scaled_linear is ldm's "linear", its linear ldm's "sqrt_linear"."""
-    import numpy as np
     T, start, end = (scheduler.get(k, v) for k, v in (("num_train_timesteps", 1000), ("beta_start", 0.00085),
                                                        ("beta_end", 0.012)))
     kind = scheduler.get("beta_schedule", "scaled_linear")
     if kind not in ("scaled_linear", "linear"):
         raise WeightsError(f"beta_schedule {kind!r} has no original single-file layout (scaled_linear or linear)")
     if kind == "scaled_linear":
-        betas = (torch.linspace(start ** 0.5, end ** 0.5, T, dtype=torch.float64) ** 2).numpy()
-    else:
-        betas = torch.linspace(start, end, T, dtype=torch.float64).numpy()
+        return (torch.linspace(start ** 0.5, end ** 0.5, T, dtype=torch.float64) ** 2).numpy()
+    return torch.linspace(start, end, T, dtype=torch.float64).numpy()
+
+
+def ldm_schedule(scheduler):
+    """The 12 schedule buffers of ldm's LatentDiffusion, computed as register_schedule computes them (the betas in
+    float64 torch, the rest in float64 numpy, v_posterior 0) and stored float32, also in an fp16 file: A1111 samples
+    with the file's alphas_cumprod, and fp16 would round abar_999 = 0.0046601 to 0.0046616."""
+    import numpy as np
+    betas = ldm_betas(scheduler)
     alphas = 1. - betas
     alphas_cumprod = np.cumprod(alphas, axis=0)
     alphas_cumprod_prev = np.append(1., alphas_cumprod[:-1])
@@ -427,21 +523,37 @@ def ldm_schedule(scheduler):
     return {name: torch.tensor(v, dtype=torch.float32) for name, v in zip(LDM_SCHEDULE, values)}
 
 
+SGM_SCHEDULE = "denoiser.sigmas"  # SDXL's only schedule tensor: sgm's DiscreteDenoiser buffer
+
+
+def sgm_sigmas(scheduler):
+    """sgm's `denoiser.sigmas` (DiscreteDenoiser with LegacyDDPMDiscretization, num_idx 1000): sigma_t =
+    sqrt((1 - abar_t) / abar_t) for t = 0 ... T - 1, the ratio taken in float64 and its root in float32, as sgm does
+    (its two flips cancel). sgm, A1111 (sd_models_xl.extend_sdxl) and ComfyUI compute it from the betas themselves:
+    the file's copy only completes the DiffusionEngine's state dict."""
+    import numpy as np
+    alphas_cumprod = np.cumprod(1. - ldm_betas(scheduler), axis=0)
+    return {SGM_SCHEDULE: torch.tensor((1 - alphas_cumprod) / alphas_cumprod, dtype=torch.float32) ** 0.5}
+
+
 def original_only_tensors(family, text, scheduler):
-    """The original layout's tensors beyond our parts: the 12 schedule buffers (ldm's values); SD 1's position_ids
-    (int64 [1, 77], as transformers < 4.31 saved them); SD 2's OpenCLIP block 23 (all zeros, an exact identity: x + 0
-    + 0; SD 2 conditions on block 22's output, so no reader's image changes), text_projection (the identity, shape
-    [width, width]: diffusers reads the width from it) and logit_scale (ln 100; only CLIP scores read it). `text`:
-    our text encoder's state dict, whose names, shapes, dtype and device these follow (the meta device works)."""
-    out = ldm_schedule(scheduler)
+    """The original layout's tensors beyond our parts: the 12 schedule buffers (ldm's values; SDXL: sgm's one,
+    denoiser.sigmas); SD 1's and SDXL's CLIP ViT-L position_ids (int64 [1, 77], as transformers < 4.31 saved them,
+    and ComfyUI writes for SDXL); SD 2's OpenCLIP block 23 (all zeros, an exact identity: x + 0 + 0; SD 2 conditions
+    on block 22's output, so no reader's image changes), text_projection (the identity, shape [width, width]: diffusers
+    reads the width from it) and logit_scale (ln 100, also SDXL's bigG: only CLIP scores read it). `text`: our (first)
+    text encoder's state dict, whose names, shapes, dtype and device these follow (the meta device works)."""
+    out = sgm_sigmas(scheduler) if family == "sdxl" else ldm_schedule(scheduler)
     text = text_model_names(text)
     tokens = text["text_model.embeddings.token_embedding.weight"]
     like = dict(dtype=tokens.dtype, device=tokens.device)
-    prefix = PARTS[family][0]
-    if family == "sd1":
+    prefix = PARTS[FAMILIES[family][1][0]][0]
+    if family in ("sd1", "sdxl"):
         if "text_model.embeddings.position_ids" not in text:  # a buffer that transformers >= 4.31 does not save
             n = text["text_model.embeddings.position_embedding.weight"].shape[0]
             out[prefix + "text_model.embeddings.position_ids"] = torch.arange(n)[None]  # int64, on the CPU
+        if family == "sdxl":  # bigG's text_projection is a weight of ours, its logit_scale is not
+            out[PARTS["sdxl_g"][0] + "logit_scale"] = torch.full((), math.log(100.0), **like)
         return out
     last = UNUSED_OPENCLIP_BLOCK.split(".")[-2]  # "23": ViT-H's 24th block, absent from an SD 2 folder's 23 layers
     if len(_indices(text, r"text_model\.encoder\.layers\.(\d+)\.")) == int(last):
@@ -457,16 +569,26 @@ def original_only_tensors(family, text, scheduler):
 SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
              "beta_start": 0.00085, "beta_end": 0.012, "clip_sample": False, "set_alpha_to_one": False,
              "steps_offset": 1}  # SD 1.x and 2.x were all trained on this schedule; only the prediction type differs
+# SDXL was trained on the same betas; its published scheduler (stabilityai/stable-diffusion-xl-base-1.0) is Euler's
+SCHEDULER_XL = {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
+                "beta_start": 0.00085, "beta_end": 0.012, "clip_sample": False, "interpolation_type": "linear",
+                "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+                "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False}
 EXTRA_FILE = "original_extra.safetensors"  # a folder's unused original tensors, for writing a single file back
 
 
 def write_folder(parts, folder, prediction_type):
-    """`read_single_file`'s parts as a diffusers-layout folder (no tokenizer: a single file has none), with the
-    original tensors a written-back file keeps (OpenCLIP's last block and head, the schedule buffers) in EXTRA_FILE."""
+    """`read_single_file`'s parts as a diffusers-layout folder (no tokenizer: a single file has none; SDXL's with
+    text_encoder_2/), with the original tensors a written-back file keeps (OpenCLIP's last block and head, the
+    schedule buffers) in EXTRA_FILE."""
     import json
+    family = parts["family"]
     names = {"unet": ("unet", "diffusion_pytorch_model.safetensors"),
-             "vae": ("vae", "diffusion_pytorch_model.safetensors"), "text": ("text_encoder", "model.safetensors")}
+             "vae": ("vae", "diffusion_pytorch_model.safetensors"), "text": ("text_encoder", "model.safetensors"),
+             "text_2": ("text_encoder_2", "model.safetensors")}
     for part, (sub, weights) in names.items():
+        if part == "text_2" and family != "sdxl":
+            continue
         config, sd = parts[part]
         os.makedirs(os.path.join(folder, sub))
         with open(os.path.join(folder, sub, "config.json"), "w") as f:
@@ -474,10 +596,11 @@ def write_folder(parts, folder, prediction_type):
         save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(folder, sub, weights), {"format": "pt"})
     os.makedirs(os.path.join(folder, "scheduler"))
     with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump(SCHEDULER | {"prediction_type": prediction_type}, f, indent=2)
-    text = {k: v.contiguous() for k, v in parts["extra"].items()
-            if k.startswith(PARTS[parts["family"]][0]) or k in LDM_SCHEDULE}  # the file's own, kept for writing back
-    save_file(text, os.path.join(folder, EXTRA_FILE), {"family": parts["family"]})
+        json.dump((SCHEDULER_XL if family == "sdxl" else SCHEDULER) | {"prediction_type": prediction_type}, f, indent=2)
+    prefixes = tuple(PARTS[part][0] for part in FAMILIES[family][1])
+    text = {k: v.contiguous() for k, v in parts["extra"].items()  # the file's own, kept for writing back
+            if k.startswith(prefixes) or k in LDM_SCHEDULE or k == SGM_SCHEDULE}
+    save_file(text, os.path.join(folder, EXTRA_FILE), {"family": family})
 
 
 def file_metadata(path):
@@ -492,7 +615,7 @@ def file_metadata(path):
 
 
 def is_full_checkpoint(path):
-    """True if the file holds a VAE and a text encoder besides the UNet (read from its key names only)."""
+    """True if the file holds a VAE and a text encoder (SDXL: two) besides the UNet (read from its key names only)."""
     if str(path).endswith(".safetensors") and os.path.isfile(path):
         try:
             with safe_open(path, "pt") as f:
@@ -502,4 +625,6 @@ def is_full_checkpoint(path):
                                f"it again") from None
     else:
         keys = list(load_tensors(path)[0])
-    return all(any(k.startswith(p) for k in keys) for p in (PARTS["vae"][0], "cond_stage_model."))
+    texts = (PARTS["sdxl_l"][0], PARTS["sdxl_g"][0]) if any(k.startswith("conditioner.") for k in keys) else \
+        ("cond_stage_model.",)
+    return all(any(k.startswith(p) for k in keys) for p in (PARTS["vae"][0], *texts))
