@@ -5,6 +5,7 @@ A hub id is looked up in the local hub cache first (`huggingface_hub`: HF_HOME, 
 missing there is the hub asked, and then only the five folders we read are fetched, one weights file each.
 A single file (the A1111/ComfyUI kind) is unpacked once into a folder of the same layout in our cache.
 """
+import copy
 import hashlib
 import json
 import os
@@ -26,7 +27,7 @@ WEIGHTS = {"unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_mo
 WEIGHTS["vae"] = WEIGHTS["unet"]
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 SINGLE_FILE = (".safetensors", ".ckpt", ".pt")
-CLIP_TOKENIZER = "openai/clip-vit-large-patch14"  # the CLIP BPE of SD 1 and 2 (SD 2 pads with "!")
+CLIP_TOKENIZER = "openai/clip-vit-large-patch14"  # the CLIP BPE of SD 1, 2 and both SDXL's (SD 2, bigG pad with "!")
 TOKENIZER_FILES = ["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"]
 # --------------------------------------------------------------------------------------------------
 # --model: a local folder or a hub id
@@ -140,11 +141,20 @@ MODEL_REPO = HubKind("model", hub_files, _complete, "pass a folder", WeightsErro
 # --model FILE.safetensors: an original single-file checkpoint, unpacked once
 
 
+# An unpacked SDXL file's model_index.json: a StableDiffusionXLPipeline folder (diffusers loads it as it is), whose
+# CFG gives the empty prompt zeros (formats/text.py), as stabilityai/stable-diffusion-xl-base-1.0's says.
+SDXL_INDEX = {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True,
+              "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+              "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+              "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+              "tokenizer_2": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
+
+
 def unpack_single_file(path, prediction_type=None):
-    """The folder of an SD 1.x/2.x single file, written into the cache on first use (keyed by the file's path, size,
-    time and the prediction type), so every loader reads it like any other folder. The file says neither its
-    prediction type (default epsilon: SD 1.x, 2.x-base; SD 2.x-768 is v_prediction) nor its tokenizer."""
-    from formats.single_file import file_metadata, read_single_file, write_folder
+    """The folder of an SD 1.x/2.x/XL single file, written into the cache on first use (keyed by the file's path,
+    size, time and the prediction type), so every loader reads it like any other folder. The file says neither its
+    prediction type (default epsilon: SD 1.x, 2.x-base, SDXL; SD 2.x-768 is v_prediction) nor its tokenizers."""
+    from formats.single_file import FAMILY_NAMES, file_metadata, read_single_file, write_folder
     if not os.path.isfile(path):
         raise WeightsError(f"{path} not found; pass the path of a Stable Diffusion single-file checkpoint")
     prediction_type = prediction_type or file_metadata(path).get("prediction_type")  # our exports say it
@@ -153,17 +163,22 @@ def unpack_single_file(path, prediction_type=None):
     key = json.dumps([os.path.realpath(path), stat.st_size, stat.st_mtime_ns, prediction_type or "epsilon"])
     name = os.path.splitext(os.path.basename(path))[0]
     folder = os.path.join(cache_root(), f"single-{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}")
-    said = prediction_type or "epsilon (assumed: right for SD 1.x and 2.x-base; SD 2.x-768 needs " \
+    said = prediction_type or "epsilon (assumed: right for SD 1.x, 2.x-base and SDXL; SD 2.x-768 needs " \
                                "--prediction-type v_prediction)"
     if not os.path.exists(os.path.join(folder, "model_index.json")):
-        parts = read_single_file(path, upcast_attention=v, sample_size=96 if v else 64)
-        print(f"model: unpacking {path} (SD {parts['family'][2]}.x) into {folder}")
+        parts = read_single_file(path)
+        family = parts["family"]
+        if v and family != "sdxl":  # SD 2.x-768's config (SDXL's v finetunes keep SDXL's)
+            parts["unet"][0].update(upcast_attention=True, sample_size=96)
+        print(f"model: unpacking {path} ({FAMILY_NAMES[family]}) into {folder}")
         with atomic(folder, shared=True) as tmp:
             write_folder(parts, tmp, prediction_type or "epsilon")
-            clip_tokenizer(parts["family"], os.path.dirname(os.path.abspath(path))).save_pretrained(
-                os.path.join(tmp, "tokenizer"))
+            for sub, tokenizer in zip(("tokenizer", "tokenizer_2"),
+                                      clip_tokenizers(family, os.path.dirname(os.path.abspath(path)))):
+                tokenizer.save_pretrained(os.path.join(tmp, sub))
             with open(os.path.join(tmp, "model_index.json"), "w") as f:  # the mark of a whole folder
-                json.dump({"_class_name": "StableDiffusionPipeline", "source": os.path.realpath(path)}, f)
+                index = SDXL_INDEX if family == "sdxl" else {"_class_name": "StableDiffusionPipeline"}
+                json.dump(index | {"source": os.path.realpath(path)}, f, indent=2)
     print(f"model: {path}, prediction type {said}")
     return folder
 
@@ -175,9 +190,10 @@ def run_teacher(info):
     return info["folder"]
 
 
-def clip_tokenizer(family, beside):
-    """The CLIP tokenizer a single file does not carry: a `tokenizer/` folder beside the file, else the hub's
-    (cached, or fetched: 4 small files). SD 2 pads with "!" where SD 1 pads with the end token."""
+def clip_tokenizers(family, beside):
+    """The CLIP tokenizers a single file does not carry, one per text encoder (SDXL: two, the same BPE): a
+    `tokenizer/` folder beside the file, else the hub's (cached, or fetched: 4 small files). SD 1 and SDXL's CLIP-L
+    pad with the end token, SD 2 and SDXL's bigG with "!" (as SDXL's tokenizer_2/ and ComfyUI's clip_g tokenizer)."""
     from huggingface_hub import snapshot_download
     from transformers import CLIPTokenizer
     local = os.path.join(beside, "tokenizer")
@@ -195,9 +211,12 @@ def clip_tokenizer(family, beside):
         raise WeightsError(f"a single file carries no tokenizer, and the CLIP one ({CLIP_TOKENIZER}) is neither in "
                            f"{local} nor in the hub cache, nor reachable ({type(e).__name__}): fetch it once with "
                            f"`hf download {CLIP_TOKENIZER} {' '.join(TOKENIZER_FILES)}`") from None
-    if family == "sd2":
-        tokenizer.pad_token = "!"
-    return tokenizer
+    pads = {"sd1": [None], "sd2": ["!"], "sdxl": [None, "!"]}[family]
+    tokenizers = [tokenizer] + [copy.deepcopy(tokenizer) for _ in pads[1:]]
+    for tokenizer, pad in zip(tokenizers, pads):
+        if pad:
+            tokenizer.pad_token = pad
+    return tokenizers
 
 
 # --------------------------------------------------------------------------------------------------
