@@ -99,16 +99,19 @@ def export_one_step(run, raw=False):
                                                                                               prediction_type))
         unet = load_file(os.path.join(unet_dir, "diffusion_pytorch_model.safetensors"))
         vae = load_vae(os.path.join(teacher, "vae")).state_dict()
-        text = load_text(teacher).encoders[0]
-        family = "sd1" if text.config.hidden_act == "quick_gelu" else "sd2"  # SD 2's OpenCLIP uses gelu
+        text, *text_2 = load_text(teacher).encoders  # SDXL: CLIP ViT-L and OpenCLIP bigG
+        family = "sdxl" if text_2 else "sd1" if text.config.hidden_act == "quick_gelu" else "sd2"  # SD 2's: gelu
         dtype = stored_dtype(teacher)  # an fp16 teacher gives an fp16 file: half the disk, as the tools expect
+        # SDXL's pooled width, which an SDXL UNet alone does not say (formats/single_file.py: unet_config)
+        said_file = said | ({"pooled_dim": str(text_2[0].config.projection_dim)} if text_2 else {})
+        text_2 = cast(text_2[0].state_dict(), dtype) if text_2 else None
         unet, vae, text = cast(unet, dtype), cast(vae, dtype), cast(text.state_dict(), dtype)
         # Complete in the original layout: the teacher file's own extra tensors where it was a single file, the
         # neutral ones (original_only_tensors) where it lacks them
         own = os.path.join(teacher, EXTRA_FILE)
         extra = original_only_tensors(family, text, schedule) | (load_file(own) if os.path.exists(own) else {})
-        write_single_file(os.path.join(tmp, "student.safetensors"), unet, vae, text, family, extra, said)
-        write_single_file(os.path.join(tmp, "student-unet.safetensors"), unet, family=family, metadata=said)
+        write_single_file(os.path.join(tmp, "student.safetensors"), unet, vae, text, family, extra, said_file, text_2)
+        write_single_file(os.path.join(tmp, "student-unet.safetensors"), unet, family=family, metadata=said_file)
         lora_file = os.path.join(unet_dir, LORA_FILE)
         if os.path.exists(lora_file):  # a LoRA student: its adapter alone, for the teacher or any finetune of it
             with safe_open(lora_file, "pt") as f:

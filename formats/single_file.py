@@ -449,7 +449,8 @@ def read_single_file(path, full=True, upcast_attention=False, sample_size=None):
     missing = [what for p, what in wanted if parts[p] is None]
     if full and missing:
         raise WeightsError(f"{path} has no {' and no '.join(missing)}; a full checkpoint (UNet, VAE and text "
-                           f"encoder{'s' if len(text_parts) > 1 else ''}) is needed here, not a UNet-only file")
+                           f"encoder{'s' if len(text_parts) > 1 else ''}) is needed here, not a UNet-only or "
+                           f"partial file")
     # SDXL's pooled width: bigG's projection, else what our UNet-only exports record, else SDXL's
     pooled = parts["text_2"]["text_projection.weight"].shape[0] if parts["text_2"] else int(meta.get("pooled_dim", 0))
     configs = {"unet": lambda s: unet_config(s, family, upcast_attention, sample_size, pooled or None),
