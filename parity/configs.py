@@ -1,6 +1,6 @@
-"""The full-size configs of Stable Diffusion (unet/config.json, vae/config.json and SD 2's text encoder), as the
-published folders hold them: for the meta-device tests and for tools/selfcheck.py, which builds SD 2.1-base with
-random weights (no download)."""
+"""The full-size configs of Stable Diffusion (unet/config.json, vae/config.json, SD 2's and SDXL's text encoders),
+as the published folders hold them: for the meta-device tests, tools/cards.py's memory tables and tools/selfcheck.py,
+which builds SD 2.1-base with random weights (no download)."""
 
 _SD_BLOCKS = dict(down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                   up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
@@ -23,3 +23,10 @@ SDXL = dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnD
             attention_head_dim=[5, 10, 20], transformer_layers_per_block=[1, 2, 10], cross_attention_dim=2048,
             use_linear_projection=True, addition_embed_type="text_time", addition_embed_type_num_heads=64,
             addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, sample_size=128)
+# SDXL base 1.0's two text encoders (its text_encoder/config.json and text_encoder_2/config.json): CLIP ViT-L's
+# text tower (CLIPTextModel) and OpenCLIP ViT-bigG's (CLIPTextModelWithProjection, whose pooled projection is the
+# UNet's pooled text embedding); SDXL reads the penultimate states of both, concatenated to 768 + 1280 = 2048
+SDXL_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+SDXL_TEXT_2 = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                   num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
