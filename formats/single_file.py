@@ -93,8 +93,8 @@ UNET_XL = [("add_embedding.linear_1.", "label_emb.0.0."), ("add_embedding.linear
 OPENCLIP_G = [("text_projection.weight", "text_projection")] + [row for row in OPENCLIP if row[1] != "text_projection"]
 PARTS = {"unet": ("model.diffusion_model.", UNET), "vae": ("first_stage_model.", VAE),
          "sd1": ("cond_stage_model.transformer.", CLIP), "sd2": ("cond_stage_model.model.", OPENCLIP),
-         "unet_xl": ("model.diffusion_model.", UNET_XL),
-         "sdxl_l": ("conditioner.embedders.0.transformer.", CLIP), "sdxl_g": ("conditioner.embedders.1.model.", OPENCLIP_G)}
+         "unet_xl": ("model.diffusion_model.", UNET_XL), "sdxl_l": ("conditioner.embedders.0.transformer.", CLIP),
+         "sdxl_g": ("conditioner.embedders.1.model.", OPENCLIP_G)}
 # Each family's parts: its UNet table and its text encoders, in the folder's order (text_encoder, text_encoder_2).
 FAMILIES = {"sd1": ("unet", ("sd1",)), "sd2": ("unet", ("sd2",)), "sdxl": ("unet_xl", ("sdxl_l", "sdxl_g"))}
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}

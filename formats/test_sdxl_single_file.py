@@ -117,11 +117,11 @@ def tiny_xl(root):
         tokenizer=CLIPTokenizer.from_pretrained(f"{root}/tok"),
         tokenizer_2=CLIPTokenizer.from_pretrained(f"{root}/tok", pad_token="!"),
         unet=UNet2DConditionModel(
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            block_out_channels=(64, 128), layers_per_block=1, transformer_layers_per_block=[1, 2],
-            attention_head_dim=[1, 2], norm_num_groups=32, cross_attention_dim=64 + 128, use_linear_projection=True,
-            addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 48,
-            sample_size=8),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(64, 128), layers_per_block=1,
+            transformer_layers_per_block=[1, 2], attention_head_dim=[1, 2], norm_num_groups=32,
+            cross_attention_dim=64 + 128, use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8, sample_size=8),
         vae=AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                           block_out_channels=(32, 64), norm_num_groups=32, layers_per_block=1, scaling_factor=0.13025),
         scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
@@ -172,7 +172,8 @@ def test_full_size_sdxl_key_set_and_detection():
     with torch.device("meta"):
         unet_model = UNet2DConditionModel(**SDXL)
         vae_model = AutoencoderKL(**SD_VAE)
-        clip_l, big_g = CLIPTextModel(CLIPTextConfig(**SDXL_TEXT)), CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2))
+        clip_l = CLIPTextModel(CLIPTextConfig(**SDXL_TEXT))
+        big_g = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2))
     unet, vae = unet_model.state_dict(), vae_model.state_dict()
     text, text_2 = sf.text_model_names(clip_l.state_dict()), big_g.state_dict()
     orig = sf.to_original(unet, vae, text, "sdxl", text_2)
@@ -248,7 +249,8 @@ def test_an_sdxl_teachers_single_files_are_sdxl(sdxl_root, tmp_path):
     weights = run / "unet_ema" / "diffusion_pytorch_model.safetensors"
     student = {k: v + 0.01 for k, v in load_file(weights).items()}
     save_file(student, weights)
-    json.dump({"folder": sdxl_root, "model": sdxl_root, "param": "x0", "config": {}}, open(run / "swiftbrush.json", "w"))
+    with open(run / "swiftbrush.json", "w") as f:  # a run's record, as much of it as the export reads
+        json.dump({"folder": sdxl_root, "model": sdxl_root, "param": "x0", "config": {}}, f)
     export_one_step(str(run))
     got = sf.read_single_file(run / "export" / "student.safetensors")
     want = folder_parts(sdxl_root)
