@@ -275,6 +275,9 @@ def from_original(sd, family=None):
         mine = {k[len(prefix):]: extra.pop(k) for k in list(extra) if k.startswith(prefix)}
         if part == "sd2":
             extra |= {prefix + k: mine.pop(k) for k in list(mine) if k.startswith(UNUSED_OPENCLIP_BLOCK)}
+        if part == "sdxl_g" and "text_projection.weight" in mine:  # transformers' form, as diffusers' own
+            mine["text_projection"] = mine.pop("text_projection.weight").T  # convert_diffusers_to_original_sdxl.py
+            # writes it (ComfyUI reads both forms: comfy/utils.py clip_text_transformers_convert)
         if not mine:
             result[name] = None
             continue

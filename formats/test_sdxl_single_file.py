@@ -152,6 +152,16 @@ def test_diffusers_reads_our_sdxl_file_to_the_same_weights(tmp_path):
     assert_same(ref.convert_open_clip_checkpoint(models.text_encoder_2, orig, prefix=BIG_G), ours["text_2"])
 
 
+def test_a_projection_in_transformers_form_reads_the_same(xl_file, tmp_path):
+    """diffusers' scripts/convert_diffusers_to_original_sdxl.py writes bigG's projection as `text_projection.weight`,
+    untransposed; ComfyUI reads both forms, and so do we."""
+    orig = load_file(xl_file)
+    orig[BIG_G + "text_projection.weight"] = orig.pop(BIG_G + "text_projection").T.contiguous()
+    save_file(orig, str(tmp_path / "hf_projection.safetensors"))
+    assert_same(sf.read_single_file(str(tmp_path / "hf_projection.safetensors"))["text_2"][1],
+                sf.read_single_file(xl_file)["text_2"][1])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 3. Full-size SDXL base 1.0 on the meta device: the key set diffusers' converters expect, and what diffusers, ComfyUI
 # and A1111 detect SDXL by
