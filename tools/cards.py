@@ -12,7 +12,6 @@ largest batch is read from the plan at batch 1 (SDXL's table: from the estimate 
 checkpointing a part of it does not grow with the batch). An estimate, not a measurement: no GPU has run it.
 """
 import argparse
-import copy
 import json
 from dataclasses import replace
 from types import SimpleNamespace
@@ -27,7 +26,7 @@ from parity.configs import SD2_TEXT, SD21_BASE, SDXL, SDXL_TEXT, SDXL_TEXT_2
 from unet import MICRO_IDS, sdxl_context
 
 CARDS = (12, 16, 24, 40, 80)  # GB
-SDXL_CARDS = (24, 40, 80, 141)  # GB; 141: an H200. SDXL's states alone exceed 16 GB (the LoRA student's too)
+SDXL_CARDS = (24, 40, 80, 141)  # GB; 141: an H200. On 16 GB none of the table's students fits (docs/memory.md#sdxl)
 META = torch.device("meta")
 
 
@@ -37,9 +36,11 @@ def on_meta(cfg, unet_config, encoders, uncond, text=None):
     [1, L, D] whose shape the activations' estimate reads."""
     with torch.device("meta"):
         teacher = sb.UNet(json.loads(json.dumps(unet_config)))
+        # the full student built as the teacher was (on meta a copy is its architecture; copy.deepcopy took longer)
+        student = None if cfg.student_lora else sb.UNet(json.loads(json.dumps(unet_config)))
         encoders = [build() for build in encoders]
     side = unet_config["sample_size"]
-    m = SimpleNamespace(teacher=teacher, student=None if cfg.student_lora else copy.deepcopy(teacher),
+    m = SimpleNamespace(teacher=teacher, student=student,
                         prompts=["a cat"] * 12,
                         embeddings=SimpleNamespace(text=Text([None] * len(encoders), encoders, **(text or {}))),
                         uncond=uncond, latent_shape=(unet_config["in_channels"], side, side))
@@ -65,7 +66,7 @@ def sdxl_on_meta(cfg):
                    uncond, text=dict(image_size=(side, side), zero_uncond=True))
 
 
-MODELS = {"sd21-base": (sd21_base_on_meta, CARDS), "sdxl": (sdxl_on_meta, SDXL_CARDS)}
+MODELS = {"sd21-base": sd21_base_on_meta, "sdxl": sdxl_on_meta}
 
 
 def largest_batches(cfg, cards=CARDS):
@@ -85,8 +86,7 @@ def batches_with_and_without_checkpointing(cfg, cards):
     The estimate (memory/plan.activation_gb, unrounded) at batches 1 and 2 gives each line: without checkpointing,
     autocast's bf16 copies of the fp32 weights are held whatever the batch; with it, nothing is. The plan leaves
     checkpointing off up to the "off" batch and turns it on above it, up to the "on" batch; 0: none fits."""
-    build, _ = MODELS[cfg.model]
-    m, state = build(replace(cfg, batch_size=1, ema_decay=0))  # start_training plans batch 1, without the EMA
+    m, state = MODELS[cfg.model](replace(cfg, batch_size=1, ema_decay=0))  # start_training's plan: batch 1, no EMA
     bf16 = uses_bf16(cfg.precision, META)
     at = [activation_gb(m, replace(cfg, batch_size=b), bf16=bf16) for b in (1, 2)]
     lines = {k: (at[0][k] - (at[1][k] - at[0][k]), at[1][k] - at[0][k]) for k in ("off", "on")}
@@ -115,7 +115,7 @@ def table(student_lora=64):
 SDXL_STUDENTS = (("full", 0, False), ("full, `--step-in-backward`", 0, True), ("LoRA, rank {r}", None, False))
 
 
-def sdxl_rows(student, teacher, m, state, lines, batches):
+def sdxl_rows(student, teacher, state, lines, batches):
     """Two rows of SDXL's table (checkpointing off, then on) from batches_with_and_without_checkpointing."""
     rows, plan = [], state["plan"]
     for k in ("off", "on"):
@@ -133,8 +133,8 @@ def sdxl_table(student_lora=64):
         for teacher in ("tf32", "bf16"):  # tf32 also stands for fp32: the same fp32 weights, the same memory
             cfg = sb.Config(model="sdxl", precision="bf16", teacher_precision=teacher, prompts="demo",
                             student_lora=student_lora if lora is None else lora, step_in_backward=in_backward)
-            rows += sdxl_rows(student.format(r=student_lora), teacher,
-                              *batches_with_and_without_checkpointing(cfg, SDXL_CARDS))
+            _, state, lines, batches = batches_with_and_without_checkpointing(cfg, SDXL_CARDS)
+            rows += sdxl_rows(student.format(r=student_lora), teacher, state, lines, batches)
     return "\n".join(rows)
 
 

@@ -1,4 +1,5 @@
-"""tools/cards.py: the docs' card table is the memory plan's, and its largest batch is the plan's own decision."""
+"""tools/cards.py: the docs' card tables (SD 2.1-base's and SDXL's) are the memory plan's, and their largest batches
+are the plan's own decisions."""
 import os
 from dataclasses import replace
 
@@ -9,9 +10,9 @@ from memory import plan as memory
 from tools import cards
 
 
-def docs_rows():
+def docs_rows(header="| student | teacher's passes | states GB |"):
     doc = open(os.path.join(os.path.dirname(sb.__file__), "docs", "memory.md")).read()
-    return doc[doc.index("| student | teacher's passes | states GB |"):].split("\n\n")[0].splitlines()[2:]
+    return doc[doc.index(header):].split("\n\n")[0].splitlines()[2:]
 
 
 def test_the_docs_card_table_is_the_plans_and_its_batches_fit_where_one_more_does_not(monkeypatch):
@@ -34,3 +35,28 @@ def test_the_docs_card_table_is_the_plans_and_its_batches_fit_where_one_more_doe
         fits = [memory.memory_plan(replace(cfg, batch_size=b), m, state, torch.device("meta"))["fits"]
                 for b in (batches[gb], batches[gb] + 1)]
         assert fits == [True, False], gb
+
+
+def test_the_docs_sdxl_table_is_the_plans_and_24_gb_needs_the_lora_student(monkeypatch):
+    """SDXL's rows of the full student and the LoRA student (rank 64), with the tf32 teacher, recomputed on the meta
+    device with the device's memory faked at 24 GB, so that start_training's own plan at batch 1 is the 24 GB card's:
+    the full student does not fit there; the LoRA student does, with checkpointing only (its "off" cell is 0), at its
+    "on" cell's batch, 1, and not at one more."""
+    # lora.Adapter draws each adapter on the CPU before moving it to the meta device: SDXL's 243 M LoRA values, whose
+    # initialisation took seconds of this test's time and changes no shape that the plan counts
+    for init in ("kaiming_uniform_", "zeros_"):
+        monkeypatch.setattr(torch.nn.init, init, lambda tensor, *args, **kwargs: tensor)
+    monkeypatch.setattr(memory, "device_memory_gb", lambda device: 24.0)
+    rows = {tuple(c.strip() for c in row.strip("|").split("|")[:3]): row
+            for row in docs_rows("| student | teacher's passes | checkpointing | states GB |")}
+    assert len(rows) == 12
+    for student, lora in (("full", 0), ("LoRA, rank 64", 64)):
+        cfg = sb.Config(model="sdxl", precision="bf16", teacher_precision="tf32", prompts="demo", student_lora=lora)
+        m, state, lines, batches = cards.batches_with_and_without_checkpointing(cfg, cards.SDXL_CARDS)
+        assert [rows[(student, "tf32", k)] for k in ("off", "on")] == cards.sdxl_rows(student, "tf32", state, lines,
+                                                                                       batches)
+        plan = state["plan"]  # batch 1 on the 24 GB card
+        assert plan["device memory"] == 24.0 and plan["fits"] == bool(lora), student
+        assert batches["off"][24] == 0 and batches["on"][24] == int(bool(lora)), student
+    assert plan["checkpointing"]  # the LoRA student's batch 1: with checkpointing
+    assert not memory.memory_plan(replace(cfg, batch_size=2), m, state, torch.device("meta"))["fits"]
