@@ -19,7 +19,7 @@ from formats.text import load_text
 from harness.report import Report
 from miniature import DEFAULTS, world
 from miniature.teacher import SHIPPED, STAMP, build_teacher, teacher_name
-from swiftbrush import Schedule, chain_noises, ema_weights, f_theta, k_step_x0, run_label
+from swiftbrush import Schedule, chain_noises, ema_weights, eps_cfg, f_theta, k_step_x0, run_label
 from unet import load_unet
 
 EVALUATION = {"miniature": {"seeds": (0, 1, 2), "per_prompt": 16, "ddim_steps": 25},   # 3 x 12 prompts x 16
@@ -101,8 +101,8 @@ class MiniatureReport(Report):
     @torch.no_grad()
     def reference_images(self, folder, model, write_to=None):
         """{"bayes", "ddim", "one_step"}: a list of images per noise seed. The Bayes-optimal start and the teacher's
-        DDIM take a minute, so they are stored, keyed by the teacher's files, the evaluation and the source of
-        world.py and sample.py: the shipped teacher's ship beside it (`python -m miniature.report` writes them),
+        DDIM take a minute, so they are stored, keyed by the teacher's files, the evaluation and the code that makes
+        them (reference_digest): the shipped teacher's ship beside it (`python -m miniature.report` writes them),
         any other's are cached; missing or damaged ones are computed and cached. write_to: compute them into it."""
         name = f"reference-{reference_digest(folder, model)}.safetensors"
         cached = os.path.join(cache_root(), f"{teacher_name(model)}-{name}")
@@ -127,11 +127,13 @@ class MiniatureReport(Report):
 
 
 def reference_digest(folder, model):
-    """What the reference rows depend on, hashed: the teacher's files, the evaluation, CFG, world.py and sample.py."""
+    """What the reference rows depend on, hashed: the teacher's files, the evaluation, CFG, world.py, and the code that
+    makes the rows (sample.py's DDIM, Eq. 7 and CFG), not the rest of the files that hold it: an edit elsewhere in
+    sample.py leaves the shipped rows current."""
     with open(os.path.join(folder, STAMP)) as f:
         teacher_files = json.load(f)["files"]
-    key = json.dumps([teacher_files, EVALUATION[model], DEFAULTS["guidance"], inspect.getsource(world),
-                      inspect.getsource(sample)], sort_keys=True)
+    code = [inspect.getsource(f) for f in (world, sample.ddim_timesteps, sample.ddim_sample, f_theta, eps_cfg)]
+    key = json.dumps([teacher_files, EVALUATION[model], DEFAULTS["guidance"], *code], sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
