@@ -25,7 +25,7 @@ from formats.text import load_text
 from harness.flags import AT_LEAST_1, UsageError
 from swiftbrush import Schedule, autocast_for, chain_noises, eps_cfg, k_step_x0
 from unet import UNet, WeightsError, load_unet
-from vae import load_vae, to_images
+from vae import load_vae, pixels_per_latent, to_images
 
 
 def ddim_timesteps(schedule, steps):
@@ -129,8 +129,7 @@ class Generator:
     teacher: UNet              # None unless --teacher-steps
     vae: object                # None: pixel space (the miniature)
     schedule: Schedule         # the teacher's
-    text: object               # formats/text.Text: prompts -> context, its encoders on the device
-    uncond: torch.Tensor       # CFG's unconditional branch
+    text: object               # formats/text.Text: prompts -> context and CFG's uncond, its encoders on the device
     latent_shape: tuple        # (C, H, W) of x_0
     device: torch.device
 
@@ -149,16 +148,17 @@ def load_generator(a):
     schedule = Schedule(scheduler_config(model))
     student_schedule = schedule.predicting(stored.prediction_type if stored else None)
     vae = None
-    if os.path.isdir(os.path.join(model, "vae")):  # fp32 on every device: SDXL's VAE overflows fp16 (its config's
-        vae = load_vae(os.path.join(model, "vae")).to(device)  # force_upcast), and one decode is cheap beside a UNet
+    if os.path.isdir(os.path.join(model, "vae")):  # fp32 on every device, as diffusers decodes SDXL (force_upcast:
+        vae = load_vae(os.path.join(model, "vae")).to(device)  # it overflows fp16; bf16 would round the image)
     teacher = load_unet(model, dtype).to(device) if a.teacher_steps else None
-    c = shape if shape and not a.resolution else latent_shape(teacher if student is None else student, vae, a.resolution)
-    factor = 2 ** (len(vae.config["block_out_channels"]) - 1) if vae else 1  # pixels per latent
-    text = load_text(model, (c[1] * factor, c[2] * factor)).to(device)  # SDXL: conditioned on the size it makes; fp32 everywhere,
-                                                          # as in training (the authors encode prompts in fp32)
+    unet = teacher if student is None else student
+    c = shape if shape and not a.resolution else latent_shape(unet, vae, a.resolution)
+    pixels = [side * (pixels_per_latent(vae.config) if vae else 1) for side in c[1:]]
+    text = load_text(model, pixels).to(device)  # SDXL: conditioned on the size it makes; fp32 everywhere, as in
+                                                # training (the authors encode prompts in fp32)
     student = student.to(device) if student is not None else None
     return Generator(student, stored.param if stored else None, steps, student_schedule, teacher, vae, schedule,
-                     text, text.uncond, c, device)
+                     text, c, device)
 
 
 @torch.no_grad()
@@ -170,7 +170,7 @@ def sample_images(g, z, context, teacher_steps=0, guidance=4.5, renoise=()):
         renoise = [eps.to(g.device) for eps in renoise]
         return to_images(g.vae, k_step_x0(g.student, z, renoise, context, g.student_schedule, g.steps, g.param))
     with autocast_for(g.device):  # 25 steps: bf16 on CUDA
-        x0 = ddim_sample(g.teacher, g.schedule, context, g.uncond.to(g.device), z, teacher_steps, guidance)
+        x0 = ddim_sample(g.teacher, g.schedule, context, g.text.uncond, z, teacher_steps, guidance)
     return to_images(g.vae, x0)
 
 

@@ -445,9 +445,10 @@ def test_each_network_steps_on_gradients_clipped_to_norm_1(sd_root, monkeypatch,
 
 
 @pytest.mark.parametrize("kw", [{}, {"loss": "sds"}, {"param": "eps"}, {"student_steps": 2, "grad_accum": 2,
-                                                                         "lora_steps": 2}, {"step_in_backward": True}],
-                         ids=["vsd", "sds", "eps", "k2-accum2-lora2", "step-in-backward"])
-def test_a_training_step_reads_nothing_back_from_the_device(sd_root, kw):
+                                                                         "lora_steps": 2}, {"step_in_backward": True},
+                                {"student_lora": 4, "sdxl": True}],
+                         ids=["vsd", "sds", "eps", "k2-accum2-lora2", "step-in-backward", "sdxl-lora-student"])
+def test_a_training_step_reads_nothing_back_from_the_device(sd_root, kw, request):
     """A step reads nothing back from the device, so the host never waits for the GPU before the step ends:
     train_step on models on the meta device, where a tensor holds no data and any read of one (.item(), .cpu(), .tolist(), float(), an if on a tensor, a copy
     to the CPU) raises. The step's draws go there, the schedule is looked up there, the clipping norms and the losses
@@ -455,7 +456,9 @@ def test_a_training_step_reads_nothing_back_from_the_device(sd_root, kw):
     read, a step later (harness/steplog.py). (Adam's own step is stubbed: the fused kernel has no meta version. Copies to the device are not
     reads and pass on the meta device: the step's go through to_device, pinned and asynchronous on CUDA.)"""
     meta = torch.device("meta")
-    cfg = sb.Config(model=sd_root, **{**BASE, "ema_decay": 0, **kw})
+    kw = dict(kw)
+    root = request.getfixturevalue("sdxl_root") if kw.pop("sdxl", False) else sd_root  # SDXL: its ids' row too
+    cfg = sb.Config(model=root, **{**BASE, "ema_decay": 0, **kw})
     m = sb.load_models(cfg, CPU)
     state = sb.start_training(cfg, m, meta)
     flags = []

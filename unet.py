@@ -220,15 +220,19 @@ def sdxl_context(states, pooled, time_ids):
     [B, P] and the six micro-conditioning ids [B, 6], zero-padded to D (k = 1 for SDXL: 1280 + 6 <= 2048)."""
     extra = torch.cat([pooled, time_ids.to(pooled.dtype)], dim=-1)
     width = states.shape[-1]
-    rows = -(-extra.shape[-1] // width)  # ceil
+    rows = extra_rows(pooled.shape[-1], width)
     extra = F.pad(extra, (0, rows * width - extra.shape[-1]))
     return torch.cat([states, extra.view(len(states), rows, width).to(states.dtype)], dim=1)
 
 
+def extra_rows(pooled_dim, width):
+    """How many context rows of `width` the pooled embedding and the six ids take: ceil((P + 6) / width)."""
+    return -(-(pooled_dim + MICRO_IDS) // width)
+
+
 def split_sdxl_context(context, pooled_dim):
     """sdxl_context's inverse: (token states [B, L, D], pooled [B, P], time_ids [B, 6])."""
-    width = context.shape[-1]
-    rows = -(-(pooled_dim + MICRO_IDS) // width)
+    rows = extra_rows(pooled_dim, context.shape[-1])
     extra = context[:, -rows:].reshape(len(context), -1)
     return context[:, :-rows], extra[:, :pooled_dim], extra[:, pooled_dim:pooled_dim + MICRO_IDS]
 
@@ -249,7 +253,7 @@ class UNet(nn.Module):
             bad = [b for b in (types or []) if b not in known]
             if not types or bad:
                 raise WeightsError(f"unet config: unsupported {field} {bad or types}; this UNet supports "
-                                   f"{sorted(known)} (Stable Diffusion 1.x/2.x)")
+                                   f"{sorted(known)} (Stable Diffusion 1.x, 2.x and XL)")
         if c.get("addition_embed_type") not in ADDITION_TYPES:
             raise WeightsError(f"unet config: addition_embed_type={c['addition_embed_type']!r} is not supported "
                                f"(SD 1.x/2.x: none; SDXL: 'text_time')")

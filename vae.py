@@ -112,16 +112,23 @@ class AutoencoderKL(nn.Module):
         return self.decoder(self.post_quant_conv(latents))
 
 
+def pixels_per_latent(config):
+    """The VAE's downsampling, from its config: 2 at every level but the last (SD's and SDXL's 4 levels: 8)."""
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
 @torch.no_grad()
-def to_images(vae, x0):
+def to_images(vae, x0, chunk=4):
     """x_0 -> images in [-1, 1] on the CPU: image = decode(x_0 / scaling_factor); with no VAE, x_0 are the pixels.
-    The VAE visits x_0's device (a GPU) only for the call."""
+    The VAE visits x_0's device (a GPU) only for the call, and decodes `chunk` images at a time: at SDXL's 1024 px
+    a decode holds about 2 GB an image in fp32 (its last level: 128 channels of 1024 x 1024)."""
     if vae is None:
         return x0.float().clamp(-1, 1).cpu()
-    home = next(vae.parameters()).device
-    image = vae.to(x0.device).decode(x0.to(next(vae.parameters()).dtype) / vae.scaling_factor)
+    home, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
+    vae.to(x0.device)
+    images = [vae.decode(part.to(dtype) / vae.scaling_factor).float().clamp(-1, 1).cpu() for part in x0.split(chunk)]
     vae.to(home)
-    return image.float().clamp(-1, 1).cpu()
+    return torch.cat(images)
 
 
 def _remap_legacy(sd):

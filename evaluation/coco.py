@@ -32,6 +32,7 @@ from harness.flags import AT_LEAST_1, UsageError
 from harness.report import EVAL_COLUMNS, Report
 from sample import load_generator, model_flags
 from unet import WeightsError
+from vae import pixels_per_latent
 
 PROTOCOL_VERSION = 2  # bump when a change alters the numbers: cached reference statistics are then recomputed
 IMAGE_TYPES = (".jpg", ".jpeg", ".png")
@@ -194,7 +195,7 @@ def model_name(a, steps=1):
 
 def generation_protocol(a, g, steps):
     """What the images depend on; a folder of images made under another protocol is refused."""
-    factor = 2 ** (len(g.vae.config["block_out_channels"]) - 1) if g.vae is not None else 1
+    factor = pixels_per_latent(g.vae.config) if g.vae is not None else 1
     given = a.student or a.model
     return {"model": model_name(a, steps), "path": os.path.abspath(given) if os.path.exists(given) else given,
             "resolution": g.latent_shape[-1] * factor, "seed": a.seed, "noise": noise_rule(steps),

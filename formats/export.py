@@ -1,8 +1,9 @@
 """The one-step (or K-step) student in the forms other tools load, from a swiftbrush.py run folder:
 
 - `pipeline/`: a diffusers StableDiffusionPipeline folder (the student's UNet with the teacher's VAE, text encoder
-  and tokenizer; for SDXL a StableDiffusionXLPipeline, with the second encoder and tokenizer) whose scheduler makes one step exactly Eq. 7: `pipe(prompt, num_inference_steps=1,
-  guidance_scale=0)`; for a K-step student its K steps: `num_inference_steps=K`;
+  and tokenizer; for SDXL a StableDiffusionXLPipeline, with the second encoder and tokenizer) whose scheduler makes
+  one step exactly Eq. 7: `pipe(prompt, num_inference_steps=1, guidance_scale=0)`; for a K-step student its K
+  steps: `num_inference_steps=K`;
 - `student-lora.safetensors` (a LoRA student, `--student-lora`): its adapter alone, in kohya's layout, which ComfyUI's
   LoraLoader, A1111 and diffusers' `load_lora_weights` apply to the teacher, or to any finetune of it, at a strength;
 - `student.safetensors`: an original single file (UNet, VAE, text encoder) that A1111, ComfyUI and Forge load as a
@@ -28,7 +29,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from formats.models import HUB_ID, SINGLE_FILE, hub_snapshot, resolve_model, run_teacher, scheduler_config, trailing_timesteps
+from formats.models import (HUB_ID, SDXL_INDEX, SINGLE_FILE, hub_snapshot, resolve_model, run_teacher, scheduler_config,
+                            trailing_timesteps)
 from formats.text import load_text, zeros_for_empty
 from formats.single_file import (EXTRA_FILE, file_metadata, is_full_checkpoint, original_only_tensors, read_single_file,
                                  write_single_file)
@@ -48,12 +50,6 @@ PIPELINE = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.3
             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
             "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
             "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False}
-PIPELINE_XL = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.30.0",
-               "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-               "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-               "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-               "tokenizer_2": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"],
-               "feature_extractor": [None, None], "image_encoder": [None, None]}
 # A K-step student's K steps are an LCMScheduler's: x0 from the UNet's output at t_k, then alpha x0 + sigma eps' at
 # t_(k+1) with eps' from the pipeline's generator, and the last x0 as the image. original_inference_steps = K: then
 # num_inference_steps=K gives trailing's timesteps wherever K divides T (any other K: pass timesteps=[...]); a
@@ -99,13 +95,14 @@ def export_one_step(run, raw=False):
                                                                                               prediction_type))
         unet = load_file(os.path.join(unet_dir, "diffusion_pytorch_model.safetensors"))
         vae = load_vae(os.path.join(teacher, "vae")).state_dict()
-        text, *text_2 = load_text(teacher).encoders  # SDXL: CLIP ViT-L and OpenCLIP bigG
-        family = "sdxl" if text_2 else "sd1" if text.config.hidden_act == "quick_gelu" else "sd2"  # SD 2's: gelu
+        encoders = load_text(teacher).encoders  # SD: one CLIP; SDXL: CLIP ViT-L and OpenCLIP bigG
+        family = file_family(encoders)
         dtype = stored_dtype(teacher)  # an fp16 teacher gives an fp16 file: half the disk, as the tools expect
-        # SDXL's pooled width, which an SDXL UNet alone does not say (formats/single_file.py: unet_config)
-        said_file = said | ({"pooled_dim": str(text_2[0].config.projection_dim)} if text_2 else {})
-        text_2 = cast(text_2[0].state_dict(), dtype) if text_2 else None
-        unet, vae, text = cast(unet, dtype), cast(vae, dtype), cast(text.state_dict(), dtype)
+        unet, vae, text = cast(unet, dtype), cast(vae, dtype), cast(encoders[0].state_dict(), dtype)
+        text_2, said_file = None, said
+        if family == "sdxl":  # with bigG's pooled width, which an SDXL UNet alone does not say (unet_config there)
+            text_2 = cast(encoders[1].state_dict(), dtype)
+            said_file = said | {"pooled_dim": str(encoders[1].config.projection_dim)}
         # Complete in the original layout: the teacher file's own extra tensors where it was a single file, the
         # neutral ones (original_only_tensors) where it lacks them
         own = os.path.join(teacher, EXTRA_FILE)
@@ -126,6 +123,14 @@ def lcm_timesteps(T, steps):
     steps divides T (4 of 1000: 999, 749, 499, 249; 3 of 1000: 998, 665, 332 against 999, 666, 332)."""
     k = T // steps
     return [steps * k - 1 - i * k for i in range(steps)]
+
+
+def file_family(encoders):
+    """The single file's family, from the teacher's text encoders: SDXL has two; of one, SD 1's CLIP uses quick_gelu,
+    SD 2's OpenCLIP gelu."""
+    if len(encoders) == 2:
+        return "sdxl"
+    return "sd1" if encoders[0].config.hidden_act == "quick_gelu" else "sd2"
 
 
 def stored_dtype(teacher):
@@ -174,7 +179,7 @@ def write_pipeline(unet_dir, teacher, folder, scheduler):
             except OSError:
                 shutil.copy2(source, target)
     os.makedirs(os.path.join(folder, "scheduler"))
-    pipeline = (PIPELINE_XL if sdxl else PIPELINE) | {"scheduler": ["diffusers", scheduler["_class_name"]]}
+    pipeline = (SDXL_INDEX if sdxl else PIPELINE) | {"scheduler": ["diffusers", scheduler["_class_name"]]}
     if sdxl:  # CFG's unconditional branch as the teacher's pipeline makes it (formats/text.py)
         pipeline["force_zeros_for_empty_prompt"] = zeros_for_empty(teacher)
     for name, obj in (("scheduler/scheduler_config.json", scheduler), ("model_index.json", pipeline)):

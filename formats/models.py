@@ -1,8 +1,9 @@
 """The teacher named by --model (a local Stable Diffusion folder, a model-hub id or an original single-file
-checkpoint), its text encoder and scheduler config.
+checkpoint) and its scheduler config; its text encoders are formats/text.py's.
 
 A hub id is looked up in the local hub cache first (`huggingface_hub`: HF_HOME, HF_HUB_OFFLINE); only when it is
-missing there is the hub asked, and then only the five folders we read are fetched, one weights file each.
+missing there is the hub asked, and then only the five folders we read (SDXL's seven) are fetched, one weights file
+each.
 A single file (the A1111/ComfyUI kind) is unpacked once into a folder of the same layout in our cache.
 """
 import copy
@@ -18,6 +19,7 @@ import torch
 from harness.atomic import atomic
 from harness.flags import UsageError
 from unet import WeightsError
+from vae import pixels_per_latent
 
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # One weights file per folder: the first of these that the repository has.
@@ -86,8 +88,9 @@ def hub_files(repo_id, names):
 def _complete(folder):
     try:
         with open(os.path.join(folder, "model_index.json")) as f:
-            sdxl = bool(json.load(f).get("text_encoder_2"))  # ["transformers", "CLIPTextModelWithProjection"]
-    except (OSError, ValueError, AttributeError):
+            part = json.load(f).get("text_encoder_2") or [None, None]  # [library, class], or [null, null]: none
+        sdxl = part[-1] is not None
+    except (OSError, ValueError, AttributeError, TypeError, IndexError):
         sdxl = False
     parts = weight_parts(sdxl)
     return all(os.path.exists(os.path.join(folder, part, "config.json")) for part in parts) and all(
@@ -245,7 +248,7 @@ def trailing_timesteps(T, steps):
 
 def latent_shape(unet, vae, resolution=None):
     """(C, H, W) of x_0 at `resolution` pixels (default: the UNet's sample_size), checked against the downsampling."""
-    factor = 2 ** (len(vae.config["block_out_channels"]) - 1) if vae is not None else 1  # pixels per latent
+    factor = pixels_per_latent(vae.config) if vae is not None else 1
     res = resolution or unet.config.get("sample_size", 64) * factor
     multiple = factor * 2 ** (len(unet.config["block_out_channels"]) - 1)  # VAE and UNet downsampling
     if res % multiple:

@@ -340,7 +340,7 @@ def check_heads(widths, divisor, what, family="sd1"):
                            f"{bad[0] / divisor:g}): the file is not {shape}-shaped")
 
 
-def unet_config(sd, family, upcast_attention=False, sample_size=None, pooled_dim=None):
+def unet_config(sd, family, pooled_dim=None):
     """`pooled_dim`: SDXL's pooled text width (bigG's projection), which label_emb's input shares with the six ids'
     embeddings; SDXL's 1280 when None (a UNet alone does not say)."""
     blocks, layers, up_attention = block_shape("unet", sd.keys(), original=False)
@@ -354,7 +354,7 @@ def unet_config(sd, family, upcast_attention=False, sample_size=None, pooled_dim
     if attention[-1] is None:
         depth[-1] = len(_indices(sd, r"mid_block\.attentions\.0\.transformer_blocks\.(\d+)\."))
     config = UNET_FIXED | {
-        "block_out_channels": boc, "layers_per_block": layers, "sample_size": sample_size or SAMPLE_SIZE[family],
+        "block_out_channels": boc, "layers_per_block": layers, "sample_size": SAMPLE_SIZE[family],
         "in_channels": sd["conv_in.weight"].shape[1], "out_channels": sd["conv_out.weight"].shape[0],
         "down_block_types": ["CrossAttnDownBlock2D" if b else "DownBlock2D" for b in attention],
         "up_block_types": ["CrossAttnUpBlock2D" if i in up_attention else "UpBlock2D" for i in range(blocks)],
@@ -362,7 +362,7 @@ def unet_config(sd, family, upcast_attention=False, sample_size=None, pooled_dim
         "cross_attention_dim": sd["mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight"].shape[1],
         "transformer_layers_per_block": depth[0] if len(set(depth)) == 1 else depth,
         "use_linear_projection": sd["mid_block.attentions.0.proj_in.weight"].ndim == 2,  # SD 1: 1x1 conv
-        "upcast_attention": upcast_attention}
+        "upcast_attention": False}
     if family != "sdxl":
         return config
     adm = sd["add_embedding.linear_1.weight"].shape[1]  # pooled text + 6 ids, each embedded `time` wide
@@ -433,10 +433,11 @@ def load_tensors(path):
     return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}, {}
 
 
-def read_single_file(path, full=True, upcast_attention=False, sample_size=None):
+def read_single_file(path, full=True):
     """Read an original SD 1.x/2.x/XL checkpoint: dict(family, unet=(config, sd), vae=(config, sd) or None,
-    text=(config, sd) or None, text_2=(config, sd) or None (SDXL's bigG), extra). `upcast_attention=True,
-    sample_size=96` for SD 2.x-768 (not in the file); sample_size None: the family's (SD 64, SDXL 128 latents)."""
+    text=(config, sd) or None, text_2=(config, sd) or None (SDXL's bigG), extra). The UNet's config has the family's
+    sample size (SD 64, SDXL 128 latents) and no attention upcast: SD 2.x-768's differ, which the file does not say
+    (formats/models.py sets them for --prediction-type v_prediction)."""
     sd, meta = load_tensors(path)
     parts = from_original(sd, meta.get("family"))
     unet = parts["unet"]
@@ -456,7 +457,7 @@ def read_single_file(path, full=True, upcast_attention=False, sample_size=None):
                            f"partial file")
     # SDXL's pooled width: bigG's projection, else what our UNet-only exports record, else SDXL's
     pooled = parts["text_2"]["text_projection.weight"].shape[0] if parts["text_2"] else int(meta.get("pooled_dim", 0))
-    configs = {"unet": lambda s: unet_config(s, family, upcast_attention, sample_size, pooled or None),
+    configs = {"unet": lambda s: unet_config(s, family, pooled_dim=pooled or None),
                "vae": lambda s: vae_config(s, family), "text": lambda s: text_config(s, text_parts[0]),
                "text_2": lambda s: text_config(s, text_parts[-1])}
     return parts | {p: None if parts[p] is None else (configs[p](parts[p]), parts[p]) for p in configs}

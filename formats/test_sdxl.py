@@ -59,15 +59,17 @@ STUDENTS = {"vsd": dict(loss="vsd"), "sds": dict(loss="sds"), "vsd-lora": dict(l
 
 
 @pytest.mark.parametrize("student", sorted(STUDENTS))
-def test_sdxl_student_trains_and_resumes_exactly(sdxl_root, tmp_path, student):
+def test_sdxl_student_trains_and_resumes_exactly(sdxl_root, tmp_path, student, capsys):
     kw = {**STUDENTS[student], "diagnose_every": 1}  # the LoRA teacher's and the teacher's scores logged too
     m, state, log = run(sdxl_root, tmp_path / "straight", 3, **kw)
+    assert "model: SDXL; the settings are the authors' for SD 2.1-base" in capsys.readouterr().out
     assert len(log) == 3 and all(np.isfinite(row["loss_student"]) and row["grad_norm_student"] > 0 for row in log[1:])
     assert m.latent_shape == (4, 8, 8) and m.embeddings[:1].shape == (1, 16 + 1, 128)  # 16 tokens + the row
     teacher = load_unet(sdxl_root)
     trained = m.student.state_dict() if not kw.get("student_lora") else None
     if trained is not None:  # the micro-conditioning's weights train with the rest
-        assert not torch.equal(trained["add_embedding.linear_1.weight"], teacher.state_dict()["add_embedding.linear_1.weight"])
+        key = "add_embedding.linear_1.weight"
+        assert not torch.equal(trained[key], teacher.state_dict()[key])
     run(sdxl_root, tmp_path / "resumed", 2, **kw)
     run(sdxl_root, tmp_path / "resumed", 3, **kw)
     assert_same_ckpt(tmp_path / "straight" / "checkpoint.safetensors", tmp_path / "resumed" / "checkpoint.safetensors")
@@ -154,3 +156,35 @@ def test_sdxl_hub_id_is_read_with_both_text_encoders(sdxl_root):
     os.remove(os.path.join(folder, "text_encoder_2", "model.safetensors"))  # half a snapshot: fetched again,
     with pytest.raises(unet.WeightsError, match="hub cache"):             # offline here: one line
         models.resolve_model("someone/tiny-sdxl")
+
+
+def test_sdxl_trained_at_another_size_exports_that_size_and_its_ids(sdxl_root, tmp_path):
+    """--resolution 32 (the model's own: 16): the student learns the ids of 32 px, and its exports make 32 px by
+    default, conditioned on those ids, as sample.py does."""
+    from diffusers import StableDiffusionXLPipeline
+    m, _, _ = run(sdxl_root, tmp_path, 2, resolution=32)
+    assert m.latent_shape == (4, 16, 16)
+    assert unet.split_sdxl_context(m.embeddings[:1], 64)[2].tolist() == [[32, 32, 0, 0, 32, 32]]
+    assert export_one_step(str(tmp_path))
+    ours = sample.generate(sample_args(tmp_path))
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "export" / "pipeline"), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    z = torch.randn((2, 4, 16, 16), generator=torch.Generator().manual_seed(0))
+    theirs = pipe("a red circle", num_inference_steps=1, guidance_scale=0, latents=z, num_images_per_prompt=2,
+                  output_type="pt").images
+    assert theirs.shape[-1] == 32 and rel_err(ours[0][0], theirs * 2 - 1) < 1e-4
+
+
+def test_a_part_from_another_model_gets_one_line(sdxl_root, sd_root, tmp_path, capsys):
+    """An SDXL folder without its second text encoder, or with SD's: one line, before any training."""
+    import shutil
+    from conftest import cli_args, cli_error
+    for name, change in (("no-bigG", lambda root: shutil.rmtree(root / "text_encoder_2")),
+                         ("sd-text", lambda root: (shutil.rmtree(root / "text_encoder"),
+                                                   shutil.copytree(os.path.join(sd_root, "text_encoder"),
+                                                                   root / "text_encoder")))):
+        root = tmp_path / name
+        shutil.copytree(sdxl_root, root)
+        change(root)
+        line = cli_error(cli_args(str(root), tmp_path / f"run-{name}", 1), capsys)
+        assert "is a part from another model" in line and not (tmp_path / f"run-{name}").exists(), line

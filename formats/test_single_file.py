@@ -123,10 +123,10 @@ def test_unet_only_and_ckpt(tmp_path):
     unet, _, _ = parts("sd2")
     path = str(tmp_path / "unet.safetensors")
     sf.write_single_file(path, unet, family="sd2")
-    got = sf.read_single_file(path, full=False, upcast_attention=True, sample_size=96)
+    got = sf.read_single_file(path, full=False)
     assert got["vae"] is None and got["text"] is None and got["family"] == "sd2"
     assert_same(got["unet"][1], unet)
-    assert got["unet"][0]["upcast_attention"] and got["unet"][0]["sample_size"] == 96
+    assert not got["unet"][0]["upcast_attention"] and got["unet"][0]["sample_size"] == 64  # SD 2.x-base's
     assert got["unet"][0]["attention_head_dim"] == [1, 1, 2]  # the SD 2 rule, from the metadata's family
     # A Lightning-style .ckpt (tensors under "state_dict", besides other entries) reads the same.
     ckpt = str(tmp_path / "model.ckpt")

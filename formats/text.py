@@ -6,7 +6,8 @@ import os
 import torch
 
 from harness.distributed import to_device
-from unet import WeightsError, read_config, sdxl_context, split_sdxl_context
+from unet import MICRO_IDS, WeightsError, read_config, sdxl_context, split_sdxl_context
+from vae import pixels_per_latent
 
 
 class Text:
@@ -51,7 +52,7 @@ class Text:
     def with_micro_conditioning(self, states, pooled):
         """SDXL's context: the ids (h, w, crop top 0, crop left 0, h, w), as its pipeline makes them by default."""
         h, w = self.image_size
-        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=states.device)
+        time_ids = to_device(torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32), states.device)  # no host wait
         return sdxl_context(states, pooled, time_ids.expand(len(states), -1))
 
     @property
@@ -63,6 +64,26 @@ class Text:
                 states, pooled, _ = split_sdxl_context(self._uncond, self.encoders[1].config.projection_dim)
                 self._uncond = self.with_micro_conditioning(torch.zeros_like(states), torch.zeros_like(pooled))
         return self._uncond
+
+
+def check_text_fits(text, unet_config, folder):
+    """One line where the folder's text encoders cannot condition its UNet (a part from another model): SDXL's UNet
+    without SDXL's two encoders or the reverse, or text states of another width than the UNet's cross-attention."""
+    sdxl_unet = unet_config.get("addition_embed_type") == "text_time"
+    if sdxl_unet != text.sdxl:
+        needs = "SDXL's two text encoders (text_encoder_2/ too)" if sdxl_unet else "one text encoder (SD 1.x/2.x)"
+        raise WeightsError(f"{folder}: its UNet needs {needs}, and the folder has {len(text.encoders)}: is a part "
+                           f"from another model? Re-copy the model's folders")
+    width, context = sum(e.config.hidden_size for e in text.encoders), unet_config.get("cross_attention_dim", 1024)
+    if width != context:
+        raise WeightsError(f"{folder}: its text states are {width} wide, its UNet's cross-attention {context}: is a "
+                           f"part from another model? Re-copy the model's folders")
+    if sdxl_unet:
+        ids = MICRO_IDS * unet_config["addition_time_embed_dim"]
+        pooled, given = unet_config["projection_class_embeddings_input_dim"] - ids, text.encoders[1].config.projection_dim
+        if given != pooled:
+            raise WeightsError(f"{folder}: text_encoder_2's pooled embedding is {given} wide, the UNet's add_embedding "
+                               f"takes {pooled}: is a part from another model? Re-copy the model's folders")
 
 
 def load_text(folder, image_size=None):
@@ -91,15 +112,19 @@ def load_text(folder, image_size=None):
             raise WeightsError(f"cannot load the text encoder/tokenizer from {folder}: {type(e).__name__}: "
                                f"{str(e).splitlines()[0] if str(e) else ''}") from None
     if not sdxl:
-        return Text(tokenizers, encoders)
-    return Text(tokenizers, encoders, image_size or default_image_size(folder), zero_uncond=zeros_for_empty(folder))
+        text = Text(tokenizers, encoders)
+    else:
+        text = Text(tokenizers, encoders, image_size or default_image_size(folder), zero_uncond=zeros_for_empty(folder))
+    if os.path.exists(os.path.join(folder, "unet", "config.json")):
+        check_text_fits(text, read_config(os.path.join(folder, "unet"), "unet")[1], folder)
+    return text
 
 
 def default_image_size(folder):
     """(h, w) in pixels a model makes by default: its UNet's sample_size times the VAE's downsampling (SDXL: 1024)."""
     _, unet_config = read_config(os.path.join(folder, "unet"), "unet")
     _, vae_config = read_config(os.path.join(folder, "vae"), "vae")
-    side = unet_config.get("sample_size", 128) * 2 ** (len(vae_config["block_out_channels"]) - 1)
+    side = unet_config.get("sample_size", 128) * pixels_per_latent(vae_config)
     return side, side
 
 

@@ -175,15 +175,18 @@ def export_unet(state_dict, config, folder):
 
 def export_student(cfg, m, ema):
     """unet/ (the student as trained) and unet_ema/ (`ema`, its EMA, unless None) in cfg.out. A LoRA student's are
-    its adapter merged into the teacher's weights, with the adapter alone beside them (LORA_FILE, kohya's layout)."""
+    its adapter merged into the teacher's weights, with the adapter alone beside them (LORA_FILE, kohya's layout).
+    Their config's sample_size is the latent size trained (--resolution), the size a pipeline then makes by default:
+    SDXL's micro-conditioning trained that size's ids."""
+    config = {**m.student.config, "sample_size": m.latent_shape[1]}
     for folder, weights in (("unet", None), ("unet_ema", ema)):
         if folder == "unet_ema" and ema is None:
             continue
         folder = os.path.join(cfg.out, folder)
         if not isinstance(m.student, Adapted):
-            export_unet(weights or m.student.state_dict(), m.student.config, folder)
+            export_unet(weights or m.student.state_dict(), config, folder)
             continue
-        export_unet(m.student.merged_state_dict(weights), m.student.config, folder)
+        export_unet(m.student.merged_state_dict(weights), config, folder)
         with atomic(os.path.join(folder, LORA_FILE)) as tmp:
             save_lora_file(m.student, weights, tmp)
 

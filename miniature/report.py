@@ -15,11 +15,13 @@ import sample
 from harness.atomic import atomic
 from harness.checkpoint import read_log
 from formats.models import cache_root, scheduler_config
+import formats.text
 from formats.text import load_text
 from harness.report import Report
 from miniature import DEFAULTS, world
 from miniature.teacher import SHIPPED, STAMP, build_teacher, teacher_name
 from swiftbrush import Schedule, chain_noises, ema_weights, eps_cfg, f_theta, k_step_x0, run_label
+import unet
 from unet import load_unet
 
 EVALUATION = {"miniature": {"seeds": (0, 1, 2), "per_prompt": 16, "ddim_steps": 25},   # 3 x 12 prompts x 16
@@ -128,11 +130,12 @@ class MiniatureReport(Report):
 
 def reference_digest(folder, model):
     """What the reference rows depend on, hashed: the teacher's files, the evaluation, CFG, world.py, and the code that
-    makes the rows (sample.py's DDIM, Eq. 7 and CFG), not the rest of the files that hold it: an edit elsewhere in
-    sample.py leaves the shipped rows current."""
+    makes the rows (the text's encoding, the UNet, the schedule, sample.py's DDIM, Eq. 7 and CFG), not the rest of the
+    files that hold it: an edit elsewhere in sample.py or swiftbrush.py leaves the shipped rows current."""
     with open(os.path.join(folder, STAMP)) as f:
         teacher_files = json.load(f)["files"]
-    code = [inspect.getsource(f) for f in (world, sample.ddim_timesteps, sample.ddim_sample, f_theta, eps_cfg)]
+    makers = (world, formats.text, unet, Schedule, sample.ddim_timesteps, sample.ddim_sample, f_theta, eps_cfg)
+    code = [inspect.getsource(maker) for maker in makers]
     key = json.dumps([teacher_files, EVALUATION[model], DEFAULTS["guidance"], *code], sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 

@@ -74,7 +74,8 @@ def test_sdxl_unet_gradients_match_diffusers(xl_pair):
     assert rel_err(p_ref.grad, p_ours.grad) < TOL  # through add_embedding to the pooled text embedding
     g_ref, g = dict(ref.named_parameters()), dict(ours.named_parameters())
     for n in ("add_embedding.linear_1.weight", "down_blocks.0.resnets.0.conv1.weight",
-              "down_blocks.2.attentions.1.transformer_blocks.2.attn2.to_k.weight", "mid_block.attentions.0.proj_out.weight"):
+              "down_blocks.2.attentions.1.transformer_blocks.2.attn2.to_k.weight",
+              "mid_block.attentions.0.proj_out.weight"):
         assert g_ref[n].grad.abs().max() > 0, n
         assert rel_err(g_ref[n].grad, g[n].grad) < TOL, f"{n}: rel err {rel_err(g_ref[n].grad, g[n].grad):.2e}"
 

@@ -85,7 +85,8 @@ def make_tiny_sdxl(root):
                                                                 projection_dim=s["pooled"]))
     u = UNet2DConditionModel(
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(64, 128), layers_per_block=1, transformer_layers_per_block=[1, 2], attention_head_dim=[1, 2],
+        block_out_channels=(64, 128), layers_per_block=1, transformer_layers_per_block=[1, 2],
+        attention_head_dim=[1, 2],
         norm_num_groups=32, cross_attention_dim=2 * s["text"]["hidden_size"], use_linear_projection=True,
         addition_embed_type="text_time", addition_time_embed_dim=s["id_width"],
         projection_class_embeddings_input_dim=s["pooled"] + 6 * s["id_width"], sample_size=8, in_channels=4,

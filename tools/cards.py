@@ -30,7 +30,7 @@ SDXL_CARDS = (24, 40, 80, 141)  # GB; 141: an H200. On 16 GB none of the table's
 META = torch.device("meta")
 
 
-def on_meta(cfg, unet_config, encoders, uncond, text=None):
+def on_meta(cfg, unet_config, encoders, uncond):
     """A model's UNet (teacher and student) and its text encoders (fp32, as load_models gives them) on the meta
     device, set up by start_training: (m, state). `encoders`: functions that build them; `uncond`: a context
     [1, L, D] whose shape the activations' estimate reads."""
@@ -42,7 +42,7 @@ def on_meta(cfg, unet_config, encoders, uncond, text=None):
     side = unet_config["sample_size"]
     m = SimpleNamespace(teacher=teacher, student=student,
                         prompts=["a cat"] * 12,
-                        embeddings=SimpleNamespace(text=Text([None] * len(encoders), encoders, **(text or {}))),
+                        embeddings=SimpleNamespace(text=Text([None] * len(encoders), encoders)),  # the plan counts them
                         uncond=uncond, latent_shape=(unet_config["in_channels"], side, side))
     return m, sb.start_training(cfg, m, META)
 
@@ -60,10 +60,8 @@ def sdxl_on_meta(cfg):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     uncond = sdxl_context(torch.zeros(1, 77, SDXL["cross_attention_dim"]),
                           torch.zeros(1, SDXL_TEXT_2["projection_dim"]), torch.zeros(1, MICRO_IDS))
-    side = SDXL["sample_size"] * 8  # the VAE's downsampling: the size the micro-conditioning ids name
     return on_meta(cfg, SDXL, [lambda: CLIPTextModel(CLIPTextConfig(**SDXL_TEXT)),
-                               lambda: CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2))],
-                   uncond, text=dict(image_size=(side, side), zero_uncond=True))
+                               lambda: CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2))], uncond)
 
 
 MODELS = {"sd21-base": sd21_base_on_meta, "sdxl": sdxl_on_meta}

@@ -69,7 +69,8 @@ def random_models(cfg, device, big):
         teacher = UNet(json.loads(json.dumps(unet_config)))  # as read from config.json
         encoder = CLIPTextModel(CLIPTextConfig(**text_config))
     prompts = [f"a random prompt number {i}" for i in range(256)]
-    embeddings = PromptEmbeddings(Text([RandomTokens(text_config["vocab_size"])], [encoder]).to(device), prompts)  # fp32
+    text = Text([RandomTokens(text_config["vocab_size"])], [encoder]).to(device)  # fp32
+    embeddings = PromptEmbeddings(text, prompts)
     shape = (4, unet_config["sample_size"], unet_config["sample_size"])
     return sb.Models(teacher, copy.deepcopy(teacher), sb.Schedule(), prompts, embeddings, embeddings.uncond, shape)
 
