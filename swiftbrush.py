@@ -679,9 +679,12 @@ def save_run(cfg, m, state):
 # Command line
 
 
-# --ablation (paper): the paper's three students. --ablation beyond: the few steps the paper leaves to future work,
-# and SwiftBrush v2's start from another one-step model, here the SDS student (trained first: the list is in order)
-ABLATIONS = {"paper": [dict(loss="vsd", param="x0"), dict(loss="sds", param="x0"), dict(loss="vsd", param="eps")],
+# --ablation (paper): the paper's three students; the eps student starts from the teacher, as the paper's, whatever
+# --sds-start says (an SDS start of its own parameterisation is noise itself: docs/miniature.md). --ablation beyond:
+# the few steps the paper leaves to future work, and SwiftBrush v2's start from another one-step model, here the SDS
+# student (trained first: the list is in order)
+ABLATIONS = {"paper": [dict(loss="vsd", param="x0"), dict(loss="sds", param="x0"),
+                       dict(loss="vsd", param="eps", sds_start=0)],
              "beyond": [dict(loss="vsd", param="x0"), dict(loss="vsd", param="x0", student_steps=2),
                         dict(loss="vsd", param="x0", student_steps=4), dict(loss="sds", param="x0"),
                         dict(loss="vsd", param="x0", student_init="sds-x0")]}
@@ -776,16 +779,17 @@ def with_sds_start(name, cfg):
 
 
 def check_sds_start(base, given, ablation):
-    """Where another start is asked for (--student-init, --ablation beyond's own) or none can be taken (a LoRA
-    student's base is the teacher), --sds-start is 0: said in a line when it was a default, refused when a flag."""
+    """Where another start is asked for (--student-init, --ablation beyond's own) or none is taken (a LoRA student's
+    base is the teacher; an eps student starts from it, as the paper's ablation), --sds-start is 0: said in a line
+    when it was a default, refused when a flag."""
     other = ("--student-lora" if base.student_lora else "--student-init" if base.student_init
-             else "--ablation beyond" if ablation == "beyond" else None)
+             else "--ablation beyond" if ablation == "beyond" else "--param eps" if base.param == "eps" else None)
     if not base.sds_start or not other:
         return base
     if "sds_start" in given:
         raise UsageError(f"--sds-start {base.sds_start} starts the student from an SDS student trained first: not "
                          f"with {other}, which sets its start: drop one of the two")
-    print(f"sds-start: 0 with {other}, which sets the student's start")
+    print(f"sds-start: 0 with {other}, which sets the student's start (the teacher, for --param eps)")
     return replace(base, sds_start=0)
 
 

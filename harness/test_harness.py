@@ -419,6 +419,11 @@ def test_sds_start_trains_the_sds_student_first_and_starts_from_it(sd_root, tmp_
     # a default --sds-start gives way to a start the command asks for, and says so; a given one is refused
     mini = sb.runs_from_args(sb.parse_args(["--model", "miniature-quick", "--student-lora", "4"]))[1]
     assert [c.sds_start for _, c in mini] == [0] and "sds-start: 0 with --student-lora" in capsys.readouterr().out
+    eps = sb.runs_from_args(sb.parse_args(["--model", "miniature-quick", "--param", "eps"]))[1]  # from the teacher
+    assert [c.sds_start for _, c in eps] == [0] and "sds-start: 0 with --param eps" in capsys.readouterr().out
+    ablation = sb.runs_from_args(sb.parse_args(["--model", "miniature-quick", "--ablation"]))[1]
+    assert [(c.loss, c.param, c.student_init is not None) for _, c in ablation] == [
+        ("sds", "x0", False), ("vsd", "x0", True), ("sds", "x0", False), ("vsd", "eps", False)]
     assert "not with --student-init" in cli_error(cli_args(sd_root, tmp_path / "x", 2) + [
         "--sds-start", "3", "--student-init", str(out)], capsys)
 

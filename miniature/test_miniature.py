@@ -221,13 +221,13 @@ def test_ablation_on_the_quick_miniature(tmp_path, capsys):
             "teacher, DDIM + CFG 2", "teacher, one step (Eq. 7 at init)"]
     ema = f"EMA {miniature.QUICK['ema_decay']:g}"
     names = ["SDS, x0 student, the start", "SwiftBrush: VSD, x0 student, from an SDS start", "SDS, x0 student",
-             "SDS, eps student, the start", "VSD, eps student, from an SDS start"]  # each VSD student after its start
+             "VSD, eps student"]  # the x0 VSD student after its start; the eps student from the teacher, as the paper's
     assert list(results) == rows + [row for name in names for row in (name, f"{name}, {ema}")]
     assert all(math.isfinite(r["fd"][0]) for r in results.values())
     # the paper's ablation, as far as six steps show it: the eps student's image is its raw eps, noise, so it is the
     # noisiest and the farthest from the world of the three (measured: background 0.72 against 0.41 and 0.11, FD 6.8
     # against 5.9 and 4.0)
-    eps, x0_students = results[names[4]], [results[name] for name in names[1:3]]
+    eps, x0_students = results[names[3]], [results[name] for name in names[1:3]]
     assert all(eps["bg_noise"][0] > r["bg_noise"][0] + 0.1 and eps["fd"][0] > r["fd"][0] for r in x0_students)
     assert results["the world (truth)"]["color_acc"][0] == 1.0 and results["the world (truth)"]["fd"][0] < 0.5
     assert results["Bayes-optimal one step, E[x0 given z] (reference)"]["start_error"][0] == 0
