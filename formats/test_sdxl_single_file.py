@@ -206,8 +206,9 @@ def test_full_size_sdxl_key_set_and_detection():
     assert sum(k.startswith(BIG_G) for k in orig) == 32 * 12 + 6 and sum(k.startswith("conditioner.embedders.0.")
                                                                            for k in orig) == 197
 
-    # detected as SDXL: diffusers (CHECKPOINT_KEY_NAMES), A1111 (sd_models_config.guess_model_config_from_state_dict:
-    # conditioner.embedders.1.model.ln_final.weight, 4 input channels), ComfyUI (supported_models.SDXL.unet_config)
+    # detected as SDXL: by diffusers' own function (CHECKPOINT_KEY_NAMES); by A1111's and ComfyUI's rules as written
+    # out here from their sources (neither is installed): A1111's sd_models_config.guess_model_config_from_state_dict
+    # (conditioner.embedders.1.model.ln_final.weight, 4 input channels), ComfyUI's supported_models.SDXL.unet_config
     assert ref.infer_diffusers_model_type(orig) == "xl_base"
     assert BIG_G + "ln_final.weight" in orig and orig["model.diffusion_model.input_blocks.0.0.weight"].shape[1] == 4
     assert comfy_transformer_depth(set(orig)) == [0, 0, 2, 2, 10, 10]
