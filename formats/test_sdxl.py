@@ -54,7 +54,8 @@ def test_sdxl_uncond_is_encoded_where_the_model_does_not_ask_for_zeros(sdxl_root
 # --------------------------------------------------------------------------------------------------
 # Algorithm 1 unchanged: the same loop trains, resumes and exports an SDXL student
 
-STUDENTS = {"vsd": dict(loss="vsd"), "sds": dict(loss="sds"), "vsd-lora": dict(loss="vsd", student_lora=4)}
+STUDENTS = {"vsd": dict(loss="vsd"), "sds": dict(loss="sds"), "vsd-lora": dict(loss="vsd", student_lora=4),
+            "vsd-k2": dict(loss="vsd", student_steps=2)}
 
 
 @pytest.mark.parametrize("student", sorted(STUDENTS))
