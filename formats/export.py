@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from formats.models import (HUB_ID, SDXL_INDEX, SINGLE_FILE, hub_snapshot, resolve_model, run_teacher, scheduler_config,
                             trailing_timesteps)
-from formats.text import load_text, zeros_for_empty
+from formats.text import is_sdxl, load_text, zeros_for_empty
 from formats.single_file import (EXTRA_FILE, file_metadata, is_full_checkpoint, original_only_tensors, read_single_file,
                                  write_single_file)
 from harness.atomic import atomic
@@ -162,7 +162,7 @@ def pipeline_scheduler(teacher, steps, prediction_type):
 def write_pipeline(unet_dir, teacher, folder, scheduler):
     """A diffusers pipeline folder (SDXL's for an SDXL teacher): the student's unet/, the teacher's other parts (hard
     links where the file system allows: no second copy on disk), the scheduler's config `scheduler`."""
-    sdxl = os.path.isdir(os.path.join(teacher, "text_encoder_2"))
+    sdxl = is_sdxl(teacher)
     parts = ["vae", "text_encoder", "tokenizer"] + (["text_encoder_2", "tokenizer_2"] if sdxl else [])
     for part, src in [("unet", unet_dir)] + [(part, os.path.join(teacher, part)) for part in parts]:
         os.makedirs(os.path.join(folder, part))

@@ -92,7 +92,7 @@ def load_text(folder, image_size=None):
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
     from transformers.utils import logging
     logging.disable_progress_bar()  # a bar per load of a 3-file folder is noise
-    sdxl = os.path.isdir(os.path.join(folder, "text_encoder_2"))
+    sdxl = is_sdxl(folder)
     parts = [("tokenizer", "text_encoder", CLIPTextModel)]
     if sdxl:
         parts.append(("tokenizer_2", "text_encoder_2", CLIPTextModelWithProjection))
@@ -118,6 +118,11 @@ def load_text(folder, image_size=None):
     if os.path.exists(os.path.join(folder, "unet", "config.json")):
         check_text_fits(text, read_config(os.path.join(folder, "unet"), "unet")[1], folder)
     return text
+
+
+def is_sdxl(folder):
+    """Whether a model folder is SDXL's: it has the second text encoder (OpenCLIP bigG)."""
+    return os.path.isdir(os.path.join(folder, "text_encoder_2"))
 
 
 def default_image_size(folder):
