@@ -15,8 +15,7 @@ import sample
 from harness.atomic import atomic
 from harness.checkpoint import read_log
 from formats.models import cache_root, scheduler_config
-import formats.text
-from formats.text import load_text
+from formats.text import Text, load_text
 from harness.report import Report
 from miniature import DEFAULTS, world
 from miniature.teacher import SHIPPED, STAMP, build_teacher, teacher_name
@@ -130,11 +129,12 @@ class MiniatureReport(Report):
 
 def reference_digest(folder, model):
     """What the reference rows depend on, hashed: the teacher's files, the evaluation, CFG, world.py, and the code that
-    makes the rows (the text's encoding, the UNet, the schedule, sample.py's DDIM, Eq. 7 and CFG), not the rest of the
-    files that hold it: an edit elsewhere in sample.py or swiftbrush.py leaves the shipped rows current."""
+    makes the rows (the prompts' encoding, the UNet, the schedule, sample.py's DDIM, Eq. 7 and CFG), not the rest of
+    the files that hold it: an edit elsewhere in sample.py, swiftbrush.py or formats/text.py leaves the shipped rows
+    current. Source, not the states' bytes: those may differ in their last bits from one CPU to another."""
     with open(os.path.join(folder, STAMP)) as f:
         teacher_files = json.load(f)["files"]
-    makers = (world, formats.text, unet, Schedule, sample.ddim_timesteps, sample.ddim_sample, f_theta, eps_cfg)
+    makers = (world, Text, unet, Schedule, sample.ddim_timesteps, sample.ddim_sample, f_theta, eps_cfg)
     code = [inspect.getsource(maker) for maker in makers]
     key = json.dumps([teacher_files, EVALUATION[model], DEFAULTS["guidance"], *code], sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:12]
