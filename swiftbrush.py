@@ -311,11 +311,16 @@ def train_step(m, cfg, state, autocast):
 
 
 def student_lr(cfg, step):
-    """The student's lr at `step` (from 0): cfg.lr, or with --lr-schedule cosine cfg.lr (1 + cos(pi step / steps)) / 2
-    (SGDR's, without restarts), so the run's last steps barely move the student: its last iterate is its best."""
+    """The student's lr at `step` (from 0): cfg.lr, or with --lr-schedule cosine cosine_lr's, so the run's last steps
+    barely move the student: its last iterate is its best."""
     if cfg.lr_schedule == "constant":
         return cfg.lr
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+    return cosine_lr(cfg.lr, step, cfg.steps)
+
+
+def cosine_lr(lr, step, steps):
+    """lr (1 + cos(pi step / steps)) / 2: from lr at step 0 to 0 at the end (SGDR's, without restarts)."""
+    return lr * 0.5 * (1 + math.cos(math.pi * step / steps))
 
 
 def clip_and_step(opt):

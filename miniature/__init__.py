@@ -17,9 +17,9 @@ import os
 DEFAULTS = {
     "sds_start": 1200,                   # the student starts from an SDS student (1200 steps at a quarter of VSD's
                                          # cost), as SwiftBrush v2 starts from SD-Turbo: clean images, which VSD then
-                                         # spreads; from the teacher VSD keeps a pixel noise it hardly sees (a 400-step
-                                         # start: background 0.088, not 0.072; docs/miniature.md)
-    "steps": 900,                        # then VSD: shapes, positions and sizes spread like the teacher's
+                                         # spreads; from the teacher VSD keeps a pixel noise it hardly sees (the previous
+                                         # teacher, a 400-step start: background 0.088, not 0.072; docs/miniature.md)
+    "steps": 700,                        # then VSD: shapes, positions and sizes spread like the teacher's
     "batch_size": 8,                     # as good as 16 here, and faster per step
     "lr": 2e-4,                          # the student's; the authors' 1e-6 is for the 866 M-parameter SD UNet
     "lr_schedule": "cosine",             # to 0 at the end: the last steps settle the student instead of moving it
@@ -30,11 +30,13 @@ DEFAULTS = {
                                          # (swiftbrush.STUDENT_LORA_TARGETS, LCM-LoRA's), not to_q, to_v alone
     "guidance": 2.0,                     # at CFG 4.5 this small teacher's own samples lose colour and diversity
     "lora_guidance": 2.0,                # one scale for both, as the authors: 2 vs 1 leaves a CFG push that saturates
-    "lora_steps": 2, "lora_loss": "plain",  # DMD2's two time-scale update and the plain loss: with one abar-weighted
+    "lora_steps": 3, "lora_loss": "plain",  # DMD2's two time-scale update and the plain loss: with one abar-weighted
                                          # LoRA step per student step the LoRA teacher lags and every student
-                                         # collapses to one layout per prompt; with 4, it learns the student's pixel
-                                         # noise too, which VSD then keeps (background 0.070-0.081 against 0.058-0.063
-                                         # with 2 over 900 steps, the same time; docs/miniature.md)
+                                         # collapses to one layout per prompt; the more updates, the more of the
+                                         # student's shapes it models and the truer VSD draws them, but also the more
+                                         # of its pixel noise, which VSD then keeps. In the same time, 2 updates x 900
+                                         # steps: shape 0.87 (seed 0); 4 x 600: background 0.063-0.066 (seeds 0-2);
+                                         # 3 x 700: shape 0.89-0.91, background 0.047-0.050 (docs/miniature.md)
     "ema_decay": 0.99,                   # the report scores the raw student and its EMA
     "save_every": 200, "sample_every": 200, "diagnose_every": 100,
     "device": "cpu",                     # 16x16 pixels and 0.8 M parameters: a GPU would not be faster
