@@ -131,7 +131,7 @@ MUTANTS = [
            (("p.grad.mul_(clip)", "p.grad.mul_(1.0)"),)),
     # Beyond the paper: the student's lr schedule and its SDS start
     Mutant("lr-cosine-rising", "--lr-schedule cosine rises from 0 to lr instead of falling from lr to 0", "swiftbrush.py",
-           (("return cfg.lr * 0.5 * (1 + math.cos(", "return cfg.lr * 0.5 * (1 - math.cos("),)),
+           (("return lr * 0.5 * (1 + math.cos(", "return lr * 0.5 * (1 - math.cos("),)),
     Mutant("sds-start-unused", "--sds-start trains the SDS student, and the VSD student starts from the teacher",
            "swiftbrush.py", (("(name, replace(cfg, student_init=start.out))]", "(name, cfg)]"),)),
 ]
