@@ -383,6 +383,19 @@ def test_rebuild_is_bit_exact_and_replaces_only_a_teacher_that_passes(tmp_path, 
     assert teacher.is_intact(folder) and open(os.path.join(folder, teacher.STAMP)).read() == stamp  # kept
 
 
+def test_the_teacher_trains_with_its_lr_decayed_to_zero(tmp_path, monkeypatch):
+    """The recipe's lr_schedule reaches the teacher's optimiser: lr (1 + cos(pi step / steps)) / 2 at each step."""
+    seen = []
+    step = torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda opt, *a, **k: (seen.append(opt.param_groups[0]["lr"]),
+                                                                        step(opt, *a, **k))[1])
+    training = {**teacher.TRAINING["miniature-quick"], "steps": 4, "batch_size": 2}
+    assert training["lr_schedule"] == teacher.TRAINING["miniature"]["lr_schedule"] == "cosine"
+    teacher._train_teacher(str(tmp_path), training, progress=False)
+    lr = training["lr"]
+    assert seen == pytest.approx([lr, lr * (2 + 2 ** 0.5) / 4, lr / 2, lr * (2 - 2 ** 0.5) / 4], rel=1e-12)
+
+
 # ------------------------------------------------------------------------------------------ the Bayes-optimal start
 def test_posterior_mean_of_two_constant_images_by_hand():
     """x_0 is a or b with probability 1/2: E[x_0 | x_t] = p a + (1 - p) b, p = sigmoid of the log-likelihood ratio."""
