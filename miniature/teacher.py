@@ -33,7 +33,8 @@ SCHEDULER_CONFIG = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000,
                     "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "v_prediction", "clip_sample": False,
                     "set_alpha_to_one": False, "steps_offset": 1}
 # The shapes are what a teacher learns last: 3000 steps with the lr decayed to 0 draw them (DDIM shape 0.99) where 1500
-# at a constant lr left "a blue square" at 0.85, which every student then lost (docs/miniature.md#the-teacher)
+# at a constant lr left "a blue square" at 0.85, which every student then lost
+# (docs/miniature.md#the-teacher-3000-steps-with-the-lr-decayed)
 TRAINING = {"miniature": {"steps": 3000, "batch_size": 64, "lr": 1e-3, "lr_schedule": "cosine", "seed": 0},
             "miniature-quick": {"steps": 40, "batch_size": 16, "lr": 1e-3, "lr_schedule": "cosine", "seed": 0}}
 STAMP = "miniature.json"

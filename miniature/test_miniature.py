@@ -385,10 +385,13 @@ def test_rebuild_is_bit_exact_and_replaces_only_a_teacher_that_passes(tmp_path, 
 
 def test_the_teacher_trains_with_its_lr_decayed_to_zero(tmp_path, monkeypatch):
     """The recipe's lr_schedule reaches the teacher's optimiser: lr (1 + cos(pi step / steps)) / 2 at each step."""
-    seen = []
-    step = torch.optim.Adam.step
-    monkeypatch.setattr(torch.optim.Adam, "step", lambda opt, *a, **k: (seen.append(opt.param_groups[0]["lr"]),
-                                                                        step(opt, *a, **k))[1])
+    seen, step = [], torch.optim.Adam.step
+
+    def recorded_step(opt, *args, **kwargs):
+        seen.append(opt.param_groups[0]["lr"])
+        return step(opt, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recorded_step)
     training = {**teacher.TRAINING["miniature-quick"], "steps": 4, "batch_size": 2}
     assert training["lr_schedule"] == teacher.TRAINING["miniature"]["lr_schedule"] == "cosine"
     teacher._train_teacher(str(tmp_path), training, progress=False)
