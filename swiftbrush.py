@@ -51,7 +51,8 @@ P_UNCOND = 0.1            # the LoRA teacher's prompt dropped to "", so that its
 MAX_GRAD_NORM = 1.0       # each network's gradients clipped to this global norm
 # --student-lora: the student a LoRA of the teacher's own UNet, as LCM-LoRA's (diffusers' examples/
 # consistency_distillation): every Linear and Conv2d of the UNet's blocks (time_emb_proj included; conv_in, conv_out
-# and the time embedding's MLP not), alpha = r (scale 1), its learning rate 1e-4 unless --lr is given
+# and the time embedding's MLP not), alpha = r (scale 1), its learning rate 1e-4 (the miniature has its own) unless
+# --lr is given
 STUDENT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                         "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
 STUDENT_LORA_LR = 1e-4
@@ -759,8 +760,9 @@ def runs_from_args(args):
             print(f"steps: {Config.steps} (the paper's; 4.11 A100-days for the authors at batch 16: --steps N for a "
                   f"shorter run)")
     if given.get("student_lora") and "lr" not in given:
-        given["lr"] = STUDENT_LORA_LR
-        print(f"lr: {STUDENT_LORA_LR:g} for the LoRA student (LCM-LoRA's; --lr N to change it)")
+        given["lr"] = mini.STUDENT_LORA_LR if mini else STUDENT_LORA_LR
+        whose = "the miniature's" if mini else "LCM-LoRA's"
+        print(f"lr: {given['lr']:g} for the LoRA student ({whose}; --lr N to change it)")
     base = Config(**{**(mini.miniature_defaults(model, given) if mini else {}), **given, "model": model})
     base = check_sds_start(base, given, args.ablation)
     if not args.ablation:

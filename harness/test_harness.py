@@ -458,6 +458,19 @@ def test_default_model_says_which_and_why(monkeypatch, capsys):
     # nothing of the method
 
 
+
+def test_the_lora_students_lr_is_lcm_loras_on_stable_diffusion_and_the_miniatures_own_there(sd_root, capsys):
+    """--student-lora without --lr: LCM-LoRA's 1e-4 on a Stable Diffusion teacher, the miniature's own on the
+    miniature, each said; --lr over both; the full student keeps its own."""
+    for model, lr in ((str(sd_root), sb.STUDENT_LORA_LR), ("miniature", miniature.STUDENT_LORA_LR)):
+        lora = ["--model", model, "--student-lora", "4"] + (["--prompts", "demo"] if model != "miniature" else [])
+        cfg, _ = sb.runs_from_args(sb.parse_args(lora))
+        assert cfg.lr == lr and f"lr: {lr:g} for the LoRA student" in capsys.readouterr().out
+        cfg, _ = sb.runs_from_args(sb.parse_args(lora + ["--lr", "3e-4"]))
+        assert cfg.lr == 3e-4 and "for the LoRA student" not in capsys.readouterr().out
+    assert miniature.STUDENT_LORA_LR != sb.STUDENT_LORA_LR
+    assert sb.runs_from_args(sb.parse_args(["--model", "miniature"]))[0].lr == miniature.DEFAULTS["lr"]
+
 def test_stable_diffusion_trains_the_papers_prompts_and_length_and_says_so(sd_root, tmp_path, monkeypatch, capsys):
     """`python swiftbrush.py` on a CUDA machine (faked): the paper's teacher, JourneyDB's prompts, 65,000 steps, the
     authors' EMA, each said in the first lines; offline with the prompts not cached, one line that says what to do."""

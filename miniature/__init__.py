@@ -45,6 +45,11 @@ DEFAULTS = {
     "device": "cpu",                     # 16x16 pixels and 0.8 M parameters: a GPU would not be faster
     "out": "runs/miniature",
 }
+
+# The LoRA student's lr (--student-lora without --lr), ten times LCM-LoRA's 1e-4, which Stable Diffusion keeps: a LoRA's
+# B starts at zero and a step moves B A, so at 1e-4 this student stayed near its start (docs/miniature.md)
+STUDENT_LORA_LR = 1e-3
+
 QUICK = {**DEFAULTS, "sds_start": 3, "steps": 6, "batch_size": 4, "save_every": 0, "sample_every": 0, "diagnose_every": 3,
          "out": "runs/miniature-quick"}
 
