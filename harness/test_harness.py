@@ -458,7 +458,6 @@ def test_default_model_says_which_and_why(monkeypatch, capsys):
     # nothing of the method
 
 
-
 def test_the_lora_students_lr_is_lcm_loras_on_stable_diffusion_and_the_miniatures_own_there(sd_root, capsys):
     """--student-lora without --lr: LCM-LoRA's 1e-4 on a Stable Diffusion teacher, the miniature's own on the
     miniature, each said; --lr over both; the full student keeps its own."""
@@ -470,6 +469,7 @@ def test_the_lora_students_lr_is_lcm_loras_on_stable_diffusion_and_the_miniature
         assert cfg.lr == 3e-4 and "for the LoRA student" not in capsys.readouterr().out
     assert miniature.STUDENT_LORA_LR != sb.STUDENT_LORA_LR
     assert sb.runs_from_args(sb.parse_args(["--model", "miniature"]))[0].lr == miniature.DEFAULTS["lr"]
+
 
 def test_stable_diffusion_trains_the_papers_prompts_and_length_and_says_so(sd_root, tmp_path, monkeypatch, capsys):
     """`python swiftbrush.py` on a CUDA machine (faked): the paper's teacher, JourneyDB's prompts, 65,000 steps, the
